@@ -1,0 +1,36 @@
+"""The ``labelloop`` command: one Typer app that gathers each package's commands."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+
+from serving import cli as serving_cli
+from trainer import cli as trainer_cli
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    name="labelloop",
+    help="Pre-labels for Label Studio from Triton-served detectors, and a model that learns from them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def main(
+    log_level: Annotated[str, typer.Option(help="Logging level for progress on stderr.")] = "INFO",
+) -> None:
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+for group in (serving_cli.app, trainer_cli.app):
+    for command in group.registered_commands:
+        app.registered_commands.append(command)

@@ -1,0 +1,223 @@
+"""``labelloop serve | export | models | detect``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from labelloop.errors import LabelloopError, RepositoryError
+from labelloop.settings import Settings, load_settings
+from serving.client import DetectorClient, ImageDetections, ModelInfo
+from serving.control import load_served_version
+from serving.launcher import TritonProcess
+from serving.publish import make_client, publish_weights
+from serving.repository import ModelCard, ModelRepository
+
+__all__ = ["app"]
+
+logger = logging.getLogger(__name__)
+app = typer.Typer(no_args_is_help=True)
+
+TritonUrl = Annotated[str | None, typer.Option("--triton-url", help="Triton gRPC host:port.")]
+ModelName = Annotated[str | None, typer.Option("--model", help="Detector name in the repository.")]
+RepoOpt = Annotated[Path | None, typer.Option("--model-repository", help="Model repository folder.")]
+
+
+def fail(exc: LabelloopError) -> typer.Exit:
+    """One line on stderr and exit code 1: how every command reports an expected failure."""
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(code=1)
+
+
+@app.command()
+def serve(
+    model_repository: RepoOpt = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    grpc_port: Annotated[int | None, typer.Option(help="gRPC port (default 8001).")] = None,
+    http_port: Annotated[int | None, typer.Option(help="HTTP port (default 8000).")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Metrics port (default 8002).")] = None,
+    model: ModelName = None,
+) -> None:
+    """Run tritonserver in the foreground until Ctrl-C / SIGTERM; ready once a real inference passes."""
+    settings = load_settings(
+        model_repository=model_repository,
+        host=host,
+        grpc_port=grpc_port,
+        http_port=http_port,
+        metrics_port=metrics_port,
+        model_name=model,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    process = TritonProcess(
+        settings.model_repository,
+        settings.state_dir,
+        host=settings.host,
+        grpc_port=settings.grpc_port,
+        http_port=settings.http_port,
+        metrics_port=settings.metrics_port,
+    )
+    try:
+        process.start()
+        process.wait_live(settings.triton_start_timeout_s)
+        info = asyncio.run(_load(settings.model_copy(update={"triton_url": process.grpc_url})))
+        typer.echo(
+            f"ready: {info.name} v{info.version} ({', '.join(info.classes)}; imgsz {info.imgsz[0]}; "
+            f"{info.provider}) on {process.grpc_url}; log {process.log_file}",
+        )
+        while not stop.wait(0.5):
+            if process.poll() is not None:
+                raise fail(RepositoryError(f"tritonserver exited (code {process.poll()}); see {process.log_file}"))
+    except LabelloopError as exc:
+        raise fail(exc) from exc
+    finally:
+        process.stop()
+
+
+async def _load(settings: Settings) -> ModelInfo:
+    async with make_client(settings) as client:
+        return await load_served_version(client, ModelRepository(settings.model_repository))
+
+
+@app.command()
+def export(
+    weights: Annotated[Path, typer.Argument(help="Ultralytics .pt weights (from our trainer or your path).")],
+    imgsz: Annotated[int | None, typer.Option(help="Export image size (default 320).")] = None,
+    model: ModelName = None,
+    model_repository: RepoOpt = None,
+    triton_url: TritonUrl = None,
+    load: Annotated[
+        bool | None, typer.Option("--load/--no-load", help="Load into Triton (default: if it is running).")
+    ] = None,
+) -> None:
+    """Export weights to ONNX and publish them as the next model version."""
+    settings = load_settings(imgsz=imgsz, model_name=model, model_repository=model_repository, triton_url=triton_url)
+    card = ModelCard(name=settings.model_name, version=0, classes=[], imgsz=settings.imgsz, note=f"export {weights}")
+    try:
+        version, served = publish_weights(settings, weights, card, activate=load)
+    except LabelloopError as exc:
+        raise fail(exc) from exc
+    where = f"served by Triton as v{served.version}" if served else "not loaded"
+    typer.echo(f"published {settings.model_name} version {version} ({where})")
+
+
+@app.command()
+def models(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    model_repository: RepoOpt = None,
+    triton_url: TritonUrl = None,
+) -> None:
+    """List every model version in the repository, and which one Triton serves."""
+    settings = load_settings(model_repository=model_repository, triton_url=triton_url)
+    repo = ModelRepository(settings.model_repository)
+    rows = asyncio.run(_model_rows(settings, repo))
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo(f"no models in {repo.root}")
+    for row in rows:
+        mark = "*" if row["served"] else " "
+        map50 = row["metrics"].get("map50")
+        score = f" mAP50 {map50:.3f}" if isinstance(map50, (int, float)) else ""
+        typer.echo(f"{mark} {row['name']} v{row['version']} imgsz {row['imgsz']} {row['classes']}{score}")
+
+
+async def _model_rows(settings: Settings, repo: ModelRepository) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for name in repo.models():
+        served: list[int] = []
+        async with DetectorClient(settings.triton_url, name, timeout_s=5.0, retries=0) as client:
+            if await client.is_live():
+                served = await client.ready_versions()
+        for version in repo.versions(name):
+            try:
+                card = repo.card(name, version)
+                classes, imgsz, metrics = card.classes, card.imgsz, card.metrics
+            except RepositoryError as exc:
+                classes, imgsz, metrics = [], None, {"error": str(exc)}
+            rows.append(
+                {
+                    "name": name,
+                    "version": version,
+                    "served": version in served,
+                    "onnx": str(repo.onnx_path(name, version).resolve()),
+                    "imgsz": imgsz,
+                    "classes": classes,
+                    "metrics": metrics,
+                }
+            )
+    return rows
+
+
+@app.command()
+def detect(
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    triton_url: TritonUrl = None,
+    model: ModelName = None,
+    conf: Annotated[float | None, typer.Option(help="Score threshold (default 0.25).")] = None,
+    iou: Annotated[float | None, typer.Option(help="NMS IoU threshold (default 0.7).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Detect defects in images through Triton; a bad image gets an error and the rest go on."""
+    settings = load_settings(triton_url=triton_url, model_name=model, conf=conf, iou=iou)
+    try:
+        results = asyncio.run(_detect(settings, images))
+    except LabelloopError as exc:
+        raise fail(exc) from exc
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+    else:
+        for row in results:
+            if "error" in row:
+                typer.echo(f"{row['image']}: error: {row['error']}")
+                continue
+            typer.echo(f"{row['image']}: {row['width']}x{row['height']} v{row['model_version']}")
+            for d in row["detections"]:
+                typer.echo(
+                    f"  {d['label']:<14} {d['score']:.3f}  "
+                    f"({d['x1']:.1f}, {d['y1']:.1f}, {d['x2']:.1f}, {d['y2']:.1f})"
+                )
+    if any("error" in row for row in results):
+        raise typer.Exit(code=2)
+
+
+async def _detect(settings: Settings, images: list[Path]) -> list[dict[str, Any]]:
+    async with make_client(settings) as client:
+        await client.info()  # fail fast, once, when Triton is down rather than once per image
+        blobs: list[bytes | None] = []
+        for path in images:
+            try:
+                blobs.append(path.read_bytes())
+            except OSError:
+                blobs.append(None)
+        todo = [b for b in blobs if b is not None]
+        answers = iter(await client.detect_many(todo, conf=settings.conf, iou=settings.iou))
+    rows: list[dict[str, Any]] = []
+    for path, blob in zip(images, blobs, strict=True):
+        row: dict[str, Any] = {"image": str(path)}
+        result = next(answers) if blob is not None else None
+        if blob is None:
+            row["error"] = "cannot read file"
+        elif isinstance(result, ImageDetections):
+            row |= {
+                "width": result.width,
+                "height": result.height,
+                "model_version": result.model_version,
+                "detections": [
+                    {"label": d.label, "score": d.score, "x1": d.x1, "y1": d.y1, "x2": d.x2, "y2": d.y2}
+                    for d in result.detections
+                ],
+            }
+        else:
+            row["error"] = str(result)
+        rows.append(row)
+    return rows

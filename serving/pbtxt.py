@@ -1,0 +1,163 @@
+"""Render Triton ``config.pbtxt`` files for the detector's runtime variants.
+
+``python``: the whole detector (decode, letterbox, onnxruntime, NMS) in one python-backend model.
+``onnxruntime``: for NVIDIA's Triton container, an ensemble of python pre-processing, the ONNX on
+the ``onnxruntime_onnx`` backend (optionally TensorRT FP16) and python post-processing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["DetectorConfig", "render_core_onnx", "render_ensemble", "render_python", "render_stage"]
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Knobs of a detector's Triton config; defaults suit a 2-core CPU box."""
+
+    name: str = "defect_detector"
+    max_batch_size: int = 8
+    batch_delay_us: int = 1000
+    instance_count: int = 1
+    kind: str = "KIND_CPU"
+    intra_op_threads: int = 0
+    score_threshold: float = 0.25
+    iou_threshold: float = 0.7
+    max_image_bytes: int = 50_000_000
+    max_image_pixels: int = 60_000_000
+    imgsz: int = 320
+    tensorrt_fp16: bool = True
+
+
+def _parameters(values: dict[str, object]) -> str:
+    rows = [f'  {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in values.items()]
+    return "parameters [\n" + ",\n".join(rows) + "\n]\n"
+
+
+def _tensors(kind: str, rows: list[tuple[str, str, str]]) -> str:
+    body = ",\n".join(f'  {{ name: "{n}" data_type: {t} dims: [ {d} ] }}' for n, t, d in rows)
+    return f"{kind} [\n{body}\n]\n"
+
+
+_IMAGE_IN = [("IMAGE", "TYPE_STRING", "1")]
+_DETECTOR_OUT = [
+    ("DETECTIONS", "TYPE_FP32", "-1, 6"),
+    ("NUM_DETECTIONS", "TYPE_INT32", "1"),
+    ("IMAGE_SIZE", "TYPE_INT32", "2"),
+    ("MODEL_INFO", "TYPE_STRING", "1"),
+]
+
+
+def _batching(cfg: DetectorConfig) -> str:
+    return (
+        f"max_batch_size: {cfg.max_batch_size}\n"
+        f"dynamic_batching {{ max_queue_delay_microseconds: {cfg.batch_delay_us} }}\n"
+    )
+
+
+def _instances(cfg: DetectorConfig, kind: str | None = None) -> str:
+    return f"instance_group [ {{ count: {cfg.instance_count} kind: {kind or cfg.kind} }} ]\n"
+
+
+def _limits(cfg: DetectorConfig) -> dict[str, object]:
+    return {
+        "score_threshold": cfg.score_threshold,
+        "iou_threshold": cfg.iou_threshold,
+        "max_image_bytes": cfg.max_image_bytes,
+        "max_image_pixels": cfg.max_image_pixels,
+    }
+
+
+def render_python(cfg: DetectorConfig) -> str:
+    """The one-model variant served by the python backend (this machine, any Triton)."""
+    return (
+        f'name: "{cfg.name}"\nbackend: "python"\n'
+        + _batching(cfg)
+        + _tensors("input", _IMAGE_IN)
+        + _tensors("output", _DETECTOR_OUT)
+        + _instances(cfg)
+        # Serve only the newest version that loads; older ones stay on disk for rollback.
+        + "version_policy: { latest: { num_versions: 1 } }\n"
+        + _parameters({"stage": "full", "intra_op_threads": cfg.intra_op_threads, **_limits(cfg)})
+    )
+
+
+def render_stage(cfg: DetectorConfig, stage: str) -> str:
+    """A python pre- or post-processing step of the ensemble (same model.py, ``stage`` parameter)."""
+    if stage == "preprocess":
+        ios = _tensors("input", _IMAGE_IN) + _tensors(
+            "output",
+            [("PIXELS", "TYPE_FP32", f"3, {cfg.imgsz}, {cfg.imgsz}"), ("LETTERBOX", "TYPE_INT32", "6")],
+        )
+    elif stage == "postprocess":
+        ios = _tensors(
+            "input",
+            [("PREDICTIONS", "TYPE_FP32", "-1, -1"), ("LETTERBOX", "TYPE_INT32", "6")],
+        ) + _tensors("output", _DETECTOR_OUT[:3])
+    else:
+        raise ValueError(f"unknown stage {stage!r}")
+    return (
+        f'name: "{cfg.name}_{stage}"\nbackend: "python"\n'
+        + _batching(cfg)
+        + ios
+        + _instances(cfg, "KIND_CPU")
+        + _parameters({"stage": stage, **_limits(cfg)})
+    )
+
+
+def render_core_onnx(cfg: DetectorConfig) -> str:
+    """The ONNX on Triton's onnxruntime backend, with TensorRT FP16 and an engine cache on GPUs."""
+    accel = ""
+    if cfg.tensorrt_fp16 and cfg.kind == "KIND_GPU":
+        accel = (
+            "optimization { execution_accelerators { gpu_execution_accelerator : [ {\n"
+            '  name : "tensorrt"\n'
+            '  parameters { key: "precision_mode" value: "FP16" }\n'
+            '  parameters { key: "max_workspace_size_bytes" value: "1073741824" }\n'
+            '  parameters { key: "trt_engine_cache_enable" value: "1" }\n'
+            '  parameters { key: "trt_engine_cache_path" value: "/tmp/triton_trt_cache" }\n'
+            "} ] } }\n"
+        )
+    return (
+        f'name: "{cfg.name}_onnx"\nplatform: "onnxruntime_onnx"\n'
+        + _batching(cfg)
+        + _tensors("input", [("images", "TYPE_FP32", f"3, {cfg.imgsz}, {cfg.imgsz}")])
+        + _tensors("output", [("output0", "TYPE_FP32", "-1, -1")])
+        + _instances(cfg)
+        + "version_policy: { latest: { num_versions: 1 } }\n"
+        + accel
+    )
+
+
+def render_ensemble(cfg: DetectorConfig) -> str:
+    """Ties preprocess -> onnx -> postprocess under the detector's public name and I/O."""
+    step = '  {{ model_name: "{m}" model_version: -1\n{maps}  }}'
+
+    def maps(kind: str, pairs: list[tuple[str, str]]) -> str:
+        return "".join(f'    {kind} {{ key: "{k}" value: "{v}" }}\n' for k, v in pairs)
+
+    steps = [
+        step.format(
+            m=f"{cfg.name}_preprocess",
+            maps=maps("input_map", [("IMAGE", "IMAGE")])
+            + maps("output_map", [("PIXELS", "pixels"), ("LETTERBOX", "letterbox")]),
+        ),
+        step.format(
+            m=f"{cfg.name}_onnx",
+            maps=maps("input_map", [("images", "pixels")]) + maps("output_map", [("output0", "predictions")]),
+        ),
+        step.format(
+            m=f"{cfg.name}_postprocess",
+            maps=maps("input_map", [("PREDICTIONS", "predictions"), ("LETTERBOX", "letterbox")])
+            + maps("output_map", [(n, n) for n, _, _ in _DETECTOR_OUT[:3]]),
+        ),
+    ]
+    return (
+        f'name: "{cfg.name}"\nplatform: "ensemble"\nmax_batch_size: {cfg.max_batch_size}\n'
+        + _tensors("input", _IMAGE_IN)
+        + _tensors("output", _DETECTOR_OUT[:3])
+        + "ensemble_scheduling {\n  step [\n"
+        + ",\n".join(steps)
+        + "\n  ]\n}\n"
+    )

@@ -1,0 +1,1 @@
+"""Training side: datasets, ultralytics runs and publishing of new model versions."""

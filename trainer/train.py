@@ -1,0 +1,105 @@
+"""Train a YOLO detector with ultralytics: the trainer's only import of ultralytics.
+
+Fine-tuning starts from a served version's ``weights.pt``; the very first model starts from a
+model YAML (random weights: nothing is downloaded, so this works air-gapped).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from labelloop.errors import TrainingError
+from serving.export import configure_ultralytics_offline
+
+__all__ = ["DEFAULT_MODEL_YAML", "TrainResult", "map_ultralytics_errors", "pick_device", "train_detector"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_YAML = "yolov8n.yaml"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where the trained weights are, and the arguments that made them."""
+
+    best: Path
+    run_dir: Path
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@contextmanager
+def map_ultralytics_errors(what: str) -> Iterator[None]:
+    """Translate anything ultralytics raises into ``TrainingError`` (it raises many types)."""
+    try:
+        yield
+    except TrainingError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the edge where third-party failures become ours
+        raise TrainingError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def pick_device(device: str) -> str:
+    """'' means: the first CUDA GPU when torch sees one, else the CPU."""
+    if device:
+        return device
+    import torch
+
+    return "0" if torch.cuda.is_available() else "cpu"
+
+
+def train_detector(
+    data_yaml: Path,
+    run_dir: Path,
+    base: Path | None = None,
+    model_yaml: str = DEFAULT_MODEL_YAML,
+    epochs: int = 30,
+    imgsz: int = 320,
+    batch: int = 16,
+    device: str = "",
+    patience: int = 50,
+    lr0: float | None = None,
+    seed: int = 0,
+    overrides: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train (from ``base`` weights, or from scratch) and return the best checkpoint.
+
+    The optimizer is named explicitly: with ``optimizer="auto"`` ultralytics ignores ``lr0``.
+    """
+    configure_ultralytics_offline(run_dir.parent / "ultralytics")
+    from ultralytics import YOLO
+
+    start = str(base) if base is not None else model_yaml
+    args: dict[str, Any] = {
+        "data": str(data_yaml),
+        "epochs": epochs,
+        "imgsz": imgsz,
+        "batch": batch,
+        "device": pick_device(device),
+        "patience": patience,
+        "optimizer": "AdamW",
+        # Fine-tuning wants a gentler step than training from scratch.
+        "lr0": lr0 if lr0 is not None else (0.0005 if base is not None else 0.002),
+        "seed": seed,
+        "deterministic": True,
+        "plots": False,
+        "amp": False,
+        "workers": 2,
+        "project": str(run_dir.parent.resolve()),
+        "name": run_dir.name,
+        "exist_ok": True,
+        "verbose": False,
+        **(overrides or {}),
+    }
+    logger.info("training from %s: %s", start, {k: v for k, v in args.items() if k != "data"})
+    with map_ultralytics_errors("training"):
+        model = YOLO(start)
+        model.train(**args)
+        best = Path(model.trainer.best)
+    if not best.is_file():
+        raise TrainingError(f"training finished without a checkpoint in {run_dir}")
+    return TrainResult(best=best, run_dir=Path(model.trainer.save_dir), args={"start": start, **args})
