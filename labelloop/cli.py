@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ls_bridge import cli as bridge_cli
 from serving import cli as serving_cli
 from trainer import cli as trainer_cli
 
@@ -31,6 +32,6 @@ def main(
     )
 
 
-for group in (serving_cli.app, trainer_cli.app):
+for group in (serving_cli.app, trainer_cli.app, bridge_cli.app):
     for command in group.registered_commands:
         app.registered_commands.append(command)

@@ -31,7 +31,8 @@ _DEFAULT_YAML = "labelloop.yaml"
 
 
 def _aliases(name: str, *plain: str) -> AliasChoices:
-    return AliasChoices(name, f"LABELLOOP_{name.upper()}", *plain)
+    """The prefixed name wins over Label Studio's own name; the field name serves init kwargs."""
+    return AliasChoices(f"LABELLOOP_{name.upper()}", *plain, name)
 
 
 class Settings(BaseSettings):
@@ -97,6 +98,7 @@ class Settings(BaseSettings):
     )
     fetch_concurrency: int = Field(8, ge=1, description="Concurrent image downloads.")
     fetch_timeout_s: float = Field(15.0, gt=0, description="Per-image download timeout.")
+    prelabel_batch_size: int = Field(64, ge=1, description="`prelabel`: tasks read, predicted and written per page.")
 
     # Trainer ---------------------------------------------------------------
     epochs: int = Field(30, ge=1, description="Training epochs.")

@@ -7,18 +7,20 @@ import json
 import logging
 import signal
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from labelloop.errors import LabelloopError, RepositoryError
+from labelloop.errors import ConfigError, LabelloopError, RepositoryError
 from labelloop.settings import Settings, load_settings
 from serving.client import DetectorClient, ImageDetections, ModelInfo
 from serving.control import load_served_version
 from serving.launcher import TritonProcess
-from serving.publish import make_client, publish_weights
+from serving.publish import detector_config, make_client, publish_weights
 from serving.repository import ModelCard, ModelRepository
+from serving.variants import write_ensemble_repository
 
 __all__ = ["app"]
 
@@ -109,6 +111,29 @@ def export(
     typer.echo(f"published {settings.model_name} version {version} ({where})")
 
 
+@app.command("export-ensemble")
+def export_ensemble(
+    out: Annotated[Path, typer.Argument(help="Folder for the ensemble model repository (created).")],
+    version: Annotated[int | None, typer.Option(help="Version to lay out (default: the latest).")] = None,
+    gpu: Annotated[bool, typer.Option("--gpu/--cpu", help="Instances on GPU with TensorRT FP16.")] = True,
+    core: Annotated[
+        str, typer.Option(help="'onnxruntime' (NVIDIA's container) or 'python' (Triton without that backend).")
+    ] = "onnxruntime",
+    model: ModelName = None,
+    model_repository: RepoOpt = None,
+) -> None:
+    """Write the onnxruntime variant (ensemble: python pre -> ONNX -> python post) of a version."""
+    settings = load_settings(model_name=model, model_repository=model_repository)
+    if core not in ("onnxruntime", "python"):
+        raise fail(ConfigError(f"--core must be 'onnxruntime' or 'python', not {core!r}"))
+    cfg = replace(detector_config(settings), kind="KIND_GPU" if gpu else "KIND_CPU")
+    try:
+        written = write_ensemble_repository(ModelRepository(settings.model_repository), cfg, out, version, core)
+    except LabelloopError as exc:
+        raise fail(exc) from exc
+    typer.echo(f"wrote {settings.model_name} version {written} as an ensemble into {out}")
+
+
 @app.command()
 def models(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -183,8 +208,7 @@ def detect(
             typer.echo(f"{row['image']}: {row['width']}x{row['height']} v{row['model_version']}")
             for d in row["detections"]:
                 typer.echo(
-                    f"  {d['label']:<14} {d['score']:.3f}  "
-                    f"({d['x1']:.1f}, {d['y1']:.1f}, {d['x2']:.1f}, {d['y2']:.1f})"
+                    f"  {d['label']:<14} {d['score']:.3f}  ({d['x1']:.1f}, {d['y1']:.1f}, {d['x2']:.1f}, {d['y2']:.1f})"
                 )
     if any("error" in row for row in results):
         raise typer.Exit(code=2)

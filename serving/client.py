@@ -89,9 +89,16 @@ def probe_image() -> bytes:
     return buf.getvalue()
 
 
+def _one_line(exc: InferenceServerException) -> str:
+    """Triton appends the python stub's traceback to load errors; keep the sentence, drop the frames."""
+    lines = (exc.message() or str(exc)).splitlines()
+    kept = [ln.strip() for ln in lines if ln.strip() and not ln.startswith((" ", "\t")) and ln.strip() != "At:"]
+    return " ".join(kept).rstrip(";")
+
+
 def _translate(exc: InferenceServerException, what: str) -> LabelloopError:
     status = str(exc.status() or "")
-    message = exc.message() or str(exc)
+    message = _one_line(exc)
     if status in _RETRYABLE or "failed to connect" in message.lower():
         return TritonUnavailableError(f"{what}: Triton unreachable ({message})")
     if status == "StatusCode.DEADLINE_EXCEEDED":
@@ -148,9 +155,7 @@ class DetectorClient:
                 delay *= 2
         raise AssertionError("unreachable")
 
-    async def detect(
-        self, image: bytes, conf: float | None = None, iou: float | None = None
-    ) -> ImageDetections:
+    async def detect(self, image: bytes, conf: float | None = None, iou: float | None = None) -> ImageDetections:
         """Detect on one encoded image (one request, so a bad image fails alone)."""
         tensor = grpcclient.InferInput(IMAGE_INPUT, [1, 1], "BYTES")
         tensor.set_data_from_numpy(np.array([[image]], dtype=np.object_))
@@ -242,13 +247,13 @@ class DetectorClient:
         try:
             await self._client.load_model(self.model_name, config=config, client_timeout=self.timeout_s * 4)
         except InferenceServerException as exc:
-            raise InferenceError(f"loading {self.model_name} failed: {exc.message() or exc}") from exc
+            raise InferenceError(f"loading {self.model_name} failed: {_one_line(exc)}") from exc
 
     async def unload(self) -> None:
         try:
             await self._client.unload_model(self.model_name, client_timeout=self.timeout_s)
         except InferenceServerException as exc:
-            raise InferenceError(f"unloading {self.model_name} failed: {exc.message() or exc}") from exc
+            raise InferenceError(f"unloading {self.model_name} failed: {_one_line(exc)}") from exc
 
     async def ready_versions(self) -> list[int]:
         """Versions Triton reports READY for this model (from the repository index)."""

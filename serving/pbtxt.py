@@ -94,7 +94,7 @@ def render_stage(cfg: DetectorConfig, stage: str) -> str:
         ios = _tensors(
             "input",
             [("PREDICTIONS", "TYPE_FP32", "-1, -1"), ("LETTERBOX", "TYPE_INT32", "6")],
-        ) + _tensors("output", _DETECTOR_OUT[:3])
+        ) + _tensors("output", _DETECTOR_OUT)
     else:
         raise ValueError(f"unknown stage {stage!r}")
     return (
@@ -106,8 +106,12 @@ def render_stage(cfg: DetectorConfig, stage: str) -> str:
     )
 
 
-def render_core_onnx(cfg: DetectorConfig) -> str:
-    """The ONNX on Triton's onnxruntime backend, with TensorRT FP16 and an engine cache on GPUs."""
+def render_core_onnx(cfg: DetectorConfig, backend: str = "onnxruntime") -> str:
+    """The ONNX on Triton's onnxruntime backend, with TensorRT FP16 and an engine cache on GPUs.
+
+    ``backend="python"`` runs the same ONNX through the python backend's ``infer`` stage: the
+    stand-in for Triton builds without the onnxruntime backend (like the pytriton wheel's).
+    """
     accel = ""
     if cfg.tensorrt_fp16 and cfg.kind == "KIND_GPU":
         accel = (
@@ -119,8 +123,13 @@ def render_core_onnx(cfg: DetectorConfig) -> str:
             '  parameters { key: "trt_engine_cache_path" value: "/tmp/triton_trt_cache" }\n'
             "} ] } }\n"
         )
+    runtime = 'platform: "onnxruntime_onnx"\n'
+    if backend == "python":
+        runtime = 'backend: "python"\n'
+        accel = _parameters({"stage": "infer", "intra_op_threads": cfg.intra_op_threads})
     return (
-        f'name: "{cfg.name}_onnx"\nplatform: "onnxruntime_onnx"\n'
+        f'name: "{cfg.name}_onnx"\n'
+        + runtime
         + _batching(cfg)
         + _tensors("input", [("images", "TYPE_FP32", f"3, {cfg.imgsz}, {cfg.imgsz}")])
         + _tensors("output", [("output0", "TYPE_FP32", "-1, -1")])
@@ -150,13 +159,13 @@ def render_ensemble(cfg: DetectorConfig) -> str:
         step.format(
             m=f"{cfg.name}_postprocess",
             maps=maps("input_map", [("PREDICTIONS", "predictions"), ("LETTERBOX", "letterbox")])
-            + maps("output_map", [(n, n) for n, _, _ in _DETECTOR_OUT[:3]]),
+            + maps("output_map", [(n, n) for n, _, _ in _DETECTOR_OUT]),
         ),
     ]
     return (
         f'name: "{cfg.name}"\nplatform: "ensemble"\nmax_batch_size: {cfg.max_batch_size}\n'
         + _tensors("input", _IMAGE_IN)
-        + _tensors("output", _DETECTOR_OUT[:3])
+        + _tensors("output", _DETECTOR_OUT)
         + "ensemble_scheduling {\n  step [\n"
         + ",\n".join(steps)
         + "\n  ]\n}\n"

@@ -67,9 +67,7 @@ def publish_weights(
     return version, asyncio.run(_activate(settings, repo, version, activate))
 
 
-async def _activate(
-    settings: Settings, repo: ModelRepository, version: int, activate: bool | None
-) -> ModelInfo | None:
+async def _activate(settings: Settings, repo: ModelRepository, version: int, activate: bool | None) -> ModelInfo | None:
     if activate is False:
         return None
     async with make_client(settings) as client:
@@ -77,5 +75,3 @@ async def _activate(
             logger.info("Triton at %s is not running; version %d is served at next start", client.url, version)
             return None
         return await activate_version(client, repo, version)
-
-

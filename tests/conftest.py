@@ -44,7 +44,7 @@ def demo_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic dataset (data.yaml path) for the test model and tests that need images."""
     from trainer.synthetic import write_dataset
 
-    return write_dataset(tmp_path_factory.mktemp("demo") / "data", n=120, seed=7)
+    return write_dataset(tmp_path_factory.mktemp("demo") / "data", n=200, seed=7)
 
 
 def _cache_key(*parts: object) -> str:
@@ -60,13 +60,13 @@ def trained_weights(demo_dataset: Path, tmp_path_factory: pytest.TempPathFactory
     """A yolov8n trained briefly by our trainer on demo data; cached on disk between runs."""
     from trainer.train import train_detector
 
-    epochs = 8
+    epochs = 14
     key = _cache_key(epochs, TEST_IMGSZ, demo_dataset.parent.name)
     cached = CACHE / key / "best.pt"
     if not cached.is_file():
         run = tmp_path_factory.mktemp("train") / "run"
         result = train_detector(
-            demo_dataset, run, epochs=epochs, imgsz=TEST_IMGSZ, batch=16, device="cpu", overrides={"val": False}
+            demo_dataset, run, epochs=epochs, imgsz=TEST_IMGSZ, batch=8, device="cpu", overrides={"val": False}
         )
         cached.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(result.best, cached)

@@ -79,6 +79,9 @@ def train_detector(
         "epochs": epochs,
         "imgsz": imgsz,
         "batch": batch,
+        # ultralytics accumulates gradients up to a nominal batch of 64: on a few hundred images
+        # that leaves a handful of optimizer steps per epoch, and from-scratch training stalls.
+        "nbs": batch,
         "device": pick_device(device),
         "patience": patience,
         "optimizer": "AdamW",

@@ -124,9 +124,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     return np.asarray(keep, dtype=np.int64)
 
 
-def postprocess(
-    pred: np.ndarray, box: Letterbox, conf: float, iou: float, max_det: int = 300
-) -> np.ndarray:
+def postprocess(pred: np.ndarray, box: Letterbox, conf: float, iou: float, max_det: int = 300) -> np.ndarray:
     """Raw ``[4+nc, anchors]`` head output to ``[N, 6]`` (x1, y1, x2, y2, score, class) in original pixels."""
     x = pred.T
     cls_scores = x[:, 4:]

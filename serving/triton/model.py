@@ -1,12 +1,15 @@
 """Triton python-backend model: encoded images in, detections in original pixels out.
 
-Inputs : IMAGE            TYPE_STRING [B, 1]  encoded JPEG/PNG/BMP/TIFF/WebP bytes
-Outputs: DETECTIONS       TYPE_FP32   [B, N, 6]  x1, y1, x2, y2, score, class_id (padded to the request's max N)
-         NUM_DETECTIONS   TYPE_INT32  [B, 1]
-         IMAGE_SIZE       TYPE_INT32  [B, 2]  width, height in display orientation
-         MODEL_INFO       TYPE_STRING [B, 1]  JSON {"names", "imgsz", "version", "provider"}; only when requested
-Request parameters: ``score_threshold`` and ``iou_threshold`` (defaults from config parameters).
+One file, four roles, chosen by the config parameter ``stage``:
 
+``full`` (the default runtime): everything in one model.
+    IMAGE TYPE_STRING [B,1] -> DETECTIONS FP32 [B,N,6] (x1,y1,x2,y2,score,class_id; padded to the
+    request's largest N), NUM_DETECTIONS INT32 [B,1], IMAGE_SIZE INT32 [B,2] (width, height after
+    EXIF), MODEL_INFO TYPE_STRING [B,1] (JSON names/imgsz/version; computed only when requested).
+``preprocess`` / ``infer`` / ``postprocess``: the steps of the ensemble variant. On NVIDIA's
+    container ``infer`` is replaced by the ONNX on the ``onnxruntime_onnx`` backend.
+
+Request parameters ``score_threshold`` and ``iou_threshold`` override the config defaults.
 Images from all requests of a dynamic batch run through onnxruntime together; an image that
 cannot be decoded fails only its own request.
 """
@@ -18,28 +21,50 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
-from detector_ops import ImageRejected, decode_image, letterbox, parse_onnx_metadata, postprocess
+from detector_ops import ImageRejected, Letterbox, decode_image, letterbox, parse_onnx_metadata, postprocess
 
-OUTPUTS = ("DETECTIONS", "NUM_DETECTIONS", "IMAGE_SIZE", "MODEL_INFO")
+DETECTOR_OUTPUTS = ("DETECTIONS", "NUM_DETECTIONS", "IMAGE_SIZE", "MODEL_INFO")
 
 
 def _param(config: dict, key: str, default: str) -> str:
     return str(config.get("parameters", {}).get(key, {}).get("string_value", default))
 
 
+def _error(message: str) -> object:
+    return pb_utils.InferenceResponse(
+        output_tensors=[], error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+    )
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
+        self.stage = _param(config, "stage", "full")
+        self.version = int(args["model_version"])
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        onnx_path = version_dir / _param(config, "onnx_file", "model.onnx")
+        self.max_bytes = int(_param(config, "max_image_bytes", "50000000"))
+        self.max_pixels = int(_param(config, "max_image_pixels", "60000000"))
+        self.conf = float(_param(config, "score_threshold", "0.25"))
+        self.iou = float(_param(config, "iou_threshold", "0.7"))
+        self.max_det = int(_param(config, "max_det", "300"))
+        self.provider = "n/a"
+        if self.stage in ("full", "infer"):
+            self._load_onnx(config, args, version_dir / _param(config, "onnx_file", "model.onnx"))
+        else:
+            card = json.loads((version_dir / "card.json").read_text())
+            self.names, self.imgsz = tuple(card["classes"]), (int(card["imgsz"]), int(card["imgsz"]))
+        self.info = json.dumps(
+            {"names": list(self.names), "imgsz": list(self.imgsz), "version": self.version, "provider": self.provider}
+        ).encode()
+
+    def _load_onnx(self, config: dict, args: dict, onnx_path: Path) -> None:
+        import onnxruntime as ort
+
         if not onnx_path.is_file():
             raise pb_utils.TritonModelException(f"{onnx_path} is missing")
-
         options = ort.SessionOptions()
-        threads = int(_param(config, "intra_op_threads", "0")) or os.cpu_count() or 1
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = int(_param(config, "intra_op_threads", "0")) or os.cpu_count() or 1
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers: list = ["CPUExecutionProvider"]
@@ -48,80 +73,78 @@ class TritonPythonModel:
             providers = [("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"]
         try:
             self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
-            self.meta = parse_onnx_metadata(self.session.get_modelmeta().custom_metadata_map)
+            meta = parse_onnx_metadata(self.session.get_modelmeta().custom_metadata_map)
         except Exception as exc:  # noqa: BLE001 - any load failure must fail the version, with its reason
             raise pb_utils.TritonModelException(f"cannot load {onnx_path}: {exc}") from exc
-
+        self.names, self.imgsz = meta.names, meta.imgsz
+        self.provider = self.session.get_providers()[0]
         model_input = self.session.get_inputs()[0]
         self.input_name = model_input.name
         self.dynamic_batch = not isinstance(model_input.shape[0], int)
-        self.max_bytes = int(_param(config, "max_image_bytes", "50000000"))
-        self.max_pixels = int(_param(config, "max_image_pixels", "60000000"))
-        self.conf = float(_param(config, "score_threshold", "0.25"))
-        self.iou = float(_param(config, "iou_threshold", "0.7"))
-        self.max_det = int(_param(config, "max_det", "300"))
-        self.info = json.dumps(
-            {
-                "names": list(self.meta.names),
-                "imgsz": list(self.meta.imgsz),
-                "version": int(args["model_version"]),
-                "provider": self.session.get_providers()[0],
-            }
-        ).encode()
-        # First run allocates and optimises; do it before READY, not on a user's request.
-        self._infer([np.zeros((*self.meta.imgsz, 3), np.uint8)])
+        # The first run allocates and optimises: do it before READY, not on a user's request.
+        self._infer(np.zeros((1, 3, *self.imgsz), np.float32))
 
-    def _infer(self, images: list[np.ndarray]) -> np.ndarray:
-        batch = np.stack(images).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
         if self.dynamic_batch:
             return self.session.run(None, {self.input_name: batch})[0]
         return np.concatenate([self.session.run(None, {self.input_name: b[None]})[0] for b in batch])
 
     def execute(self, requests: list) -> list:
-        prepared: list = []
+        if self.stage == "full":
+            return self._execute_full(requests)
+        handler = {"preprocess": self._preprocess, "infer": self._infer_stage, "postprocess": self._postprocess}
+        responses = []
         for request in requests:
             try:
-                prepared.append(self._prepare(request))
+                responses.append(handler[self.stage](request))
             except ImageRejected as exc:
-                prepared.append(exc)
-        tensors = [t for item in prepared if not isinstance(item, Exception) for t in item[0]]
-        raw = self._infer(tensors) if tensors else None
-
-        responses = []
-        offset = 0
-        for request, item in zip(requests, prepared, strict=True):
-            if isinstance(item, Exception):
-                error = pb_utils.TritonError(str(item), pb_utils.TritonError.INVALID_ARG)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
-                continue
-            tensors_i, boxes, conf, iou = item
-            dets = [
-                postprocess(raw[offset + k], boxes[k], conf, iou, self.max_det) for k in range(len(tensors_i))
-            ]
-            offset += len(tensors_i)
-            responses.append(self._response(request, dets, boxes))
+                responses.append(_error(str(exc)))
         return responses
 
-    def _prepare(self, request) -> tuple:
-        data = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)
+    def _thresholds(self, request) -> tuple[float, float]:
         params = json.loads(request.parameters() or "{}")
         conf = float(params.get("score_threshold", self.conf))
         iou = float(params.get("iou_threshold", self.iou))
         if not (0.0 <= conf <= 1.0 and 0.0 < iou <= 1.0):
             raise ImageRejected(f"score_threshold {conf} / iou_threshold {iou} out of range")
-        tensors, boxes = [], []
-        for k, blob in enumerate(data):
+        return conf, iou
+
+    def _decode(self, request) -> tuple[np.ndarray, list[Letterbox]]:
+        """All images of one request, letterboxed to one float32 NCHW batch."""
+        blobs = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)
+        pixels, boxes = [], []
+        for k, blob in enumerate(blobs):
             try:
                 img = decode_image(bytes(blob), self.max_bytes, self.max_pixels)
             except ImageRejected as exc:
-                prefix = f"image {k}: " if len(data) > 1 else ""
-                raise ImageRejected(f"{prefix}{exc}") from exc
-            tensor, box = letterbox(img, self.meta.imgsz)
-            tensors.append(tensor)
+                raise ImageRejected(f"image {k}: {exc}" if len(blobs) > 1 else str(exc)) from exc
+            padded, box = letterbox(img, self.imgsz)
+            pixels.append(padded)
             boxes.append(box)
-        return tensors, boxes, conf, iou
+        batch = np.stack(pixels).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+        return batch, boxes
 
-    def _response(self, request, dets: list[np.ndarray], boxes: list) -> object:
+    def _execute_full(self, requests: list) -> list:
+        prepared: list = []
+        for request in requests:
+            try:
+                prepared.append((*self._decode(request), *self._thresholds(request)))
+            except ImageRejected as exc:
+                prepared.append(exc)
+        batches = [item[0] for item in prepared if not isinstance(item, Exception)]
+        raw = self._infer(np.concatenate(batches)) if batches else None
+        responses, offset = [], 0
+        for request, item in zip(requests, prepared, strict=True):
+            if isinstance(item, Exception):
+                responses.append(_error(str(item)))
+                continue
+            _, boxes, conf, iou = item
+            dets = [postprocess(raw[offset + k], box, conf, iou, self.max_det) for k, box in enumerate(boxes)]
+            offset += len(boxes)
+            responses.append(self._detections(request, dets, boxes))
+        return responses
+
+    def _detections(self, request, dets: list[np.ndarray], boxes: list[Letterbox]) -> object:
         n_max = max((len(d) for d in dets), default=0)
         out = np.zeros((len(dets), n_max, 6), np.float32)
         for k, d in enumerate(dets):
@@ -132,7 +155,26 @@ class TritonPythonModel:
             "IMAGE_SIZE": np.array([[b.orig_w, b.orig_h] for b in boxes], np.int32),
             "MODEL_INFO": np.array([[self.info]] * len(dets), dtype=np.object_),
         }
-        wanted = set(request.requested_output_names()) or set(OUTPUTS) - {"MODEL_INFO"}
+        wanted = set(request.requested_output_names()) or set(DETECTOR_OUTPUTS) - {"MODEL_INFO"}
         return pb_utils.InferenceResponse(
-            output_tensors=[pb_utils.Tensor(name, values[name]) for name in OUTPUTS if name in wanted]
+            output_tensors=[pb_utils.Tensor(n, values[n]) for n in DETECTOR_OUTPUTS if n in wanted]
         )
+
+    def _preprocess(self, request) -> object:
+        batch, boxes = self._decode(request)
+        meta = np.array([[b.orig_w, b.orig_h, b.new_w, b.new_h, b.left, b.top] for b in boxes], np.int32)
+        return pb_utils.InferenceResponse(
+            output_tensors=[pb_utils.Tensor("PIXELS", batch), pb_utils.Tensor("LETTERBOX", meta)]
+        )
+
+    def _infer_stage(self, request) -> object:
+        batch = pb_utils.get_input_tensor_by_name(request, "images").as_numpy()
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("output0", self._infer(batch))])
+
+    def _postprocess(self, request) -> object:
+        raw = pb_utils.get_input_tensor_by_name(request, "PREDICTIONS").as_numpy()
+        meta = pb_utils.get_input_tensor_by_name(request, "LETTERBOX").as_numpy()
+        conf, iou = self._thresholds(request)
+        boxes = [Letterbox(*map(int, row)) for row in meta]
+        dets = [postprocess(raw[k], box, conf, iou, self.max_det) for k, box in enumerate(boxes)]
+        return self._detections(request, dets, boxes)

@@ -1,0 +1,49 @@
+"""Settings precedence: defaults < YAML < env < flags, and the Label Studio aliases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from labelloop.errors import ConfigError
+from labelloop.settings import CONFIG_ENV, load_settings
+
+
+def test_defaults() -> None:
+    s = load_settings()
+    assert s.triton_url == "127.0.0.1:8001"
+    assert s.model_name == "defect_detector"
+    assert s.bridge_host == "127.0.0.1" and s.host == "127.0.0.1"
+
+
+def test_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("model_name: from_yaml\nconf: 0.4\niou: 0.5\n")
+    monkeypatch.setenv(CONFIG_ENV, str(cfg))
+    monkeypatch.setenv("LABELLOOP_CONF", "0.3")
+    s = load_settings(iou=None)
+    assert (s.model_name, s.conf, s.iou) == ("from_yaml", 0.3, 0.5)
+    assert load_settings(conf=0.1).conf == 0.1
+
+
+def test_label_studio_names_and_prefixed_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://ls:8080")
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "secret-token")
+    monkeypatch.setenv("LABELLOOP_ALLOWED_HOSTS", "a.example, B.example")
+    s = load_settings()
+    assert s.label_studio_url == "http://ls:8080"
+    assert s.label_studio_api_key is not None and s.label_studio_api_key.get_secret_value() == "secret-token"
+    assert "secret-token" not in repr(s)
+    assert s.allowed_hosts == ["a.example", "b.example"]
+    monkeypatch.setenv("LABELLOOP_LABEL_STUDIO_URL", "http://other:8080")
+    assert load_settings().label_studio_url == "http://other:8080"
+    assert load_settings(label_studio_url="http://flag:1").label_studio_url == "http://flag:1"
+
+
+def test_bad_values_are_config_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match="conf"):
+        load_settings(conf=2.0)
+    monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="no such file"):
+        load_settings()
