@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from labelloop import stack
 from ls_bridge import cli as bridge_cli
 from serving import cli as serving_cli
 from trainer import cli as trainer_cli
@@ -30,8 +31,10 @@ def main(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # One line per HTTP request drowns the progress that matters.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
-for group in (serving_cli.app, trainer_cli.app, bridge_cli.app):
+for group in (serving_cli.app, trainer_cli.app, bridge_cli.app, stack.app):
     for command in group.registered_commands:
         app.registered_commands.append(command)

@@ -56,7 +56,11 @@ class Daemon:
             return None
         try:
             proc = psutil.Process(rec.pid)
-            if abs(proc.create_time() - rec.create_time) > 1.0 or proc.cmdline() != rec.cmdline:
+            # argv[0] may be rewritten by a shebang; the arguments are ours exactly.
+            if (
+                abs(proc.create_time() - rec.create_time) > 1.0
+                or proc.cmdline()[-len(rec.cmdline[1:]) :] != rec.cmdline[1:]
+            ):
                 return None
             if proc.status() == psutil.STATUS_ZOMBIE:
                 return None
@@ -81,12 +85,11 @@ class Daemon:
                 cwd=cwd,
                 start_new_session=True,
             )
-        info = psutil.Process(proc.pid)
         rec = DaemonRecord(
             name=self.name,
             pid=proc.pid,
-            cmdline=info.cmdline(),
-            create_time=info.create_time(),
+            cmdline=cmdline,
+            create_time=psutil.Process(proc.pid).create_time(),
             log=str(self.log_path),
             url=url,
         )

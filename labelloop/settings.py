@@ -111,6 +111,11 @@ class Settings(BaseSettings):
     deploy_margin_map50: float = Field(0.02, description="Deploy when candidate mAP50 > served + this.")
     train_every_annotations: int = Field(50, ge=1, description="`trainer watch`: train after this many new.")
 
+    # Stack (`labelloop up`) -------------------------------------------------------
+    label_studio_port: int = Field(8080, description="Port of the Label Studio that `up` starts.")
+    label_studio_venv: Path = Field(Path(".venv-ls"), description="Label Studio's own virtual environment.")
+    project_title: str = Field("Defect detection", description="Project `up` creates and connects.")
+
     @field_validator("allowed_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: Any) -> Any:

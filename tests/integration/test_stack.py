@@ -1,0 +1,188 @@
+"""`labelloop up` / `status` / `down` as a newcomer runs them, checked in a real browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import ROOT, free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.triton, pytest.mark.label_studio]
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = ROOT / "test-artifacts"
+_CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    state: Path
+    up_output: str
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "labelloop", *args],
+            env=self.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    def status(self) -> dict[str, dict[str, object]]:
+        result = self.run("status", "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+    def pids(self) -> dict[str, int]:
+        return {
+            p.stem: json.loads(p.read_text())["pid"] for p in (self.state / "run").glob("*.json") if p.stem != "stack"
+        }
+
+    def credentials(self) -> dict[str, str]:
+        return json.loads((self.state / "label_studio" / "credentials.json").read_text())  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def stack(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    if not (ROOT / ".venv-ls" / "bin" / "label-studio").is_file():
+        pytest.skip("Label Studio is not installed in .venv-ls (run `make setup`)")
+    base = tmp_path_factory.mktemp("stack")
+    shutil.copytree(model_repo, base / "model_repository")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABELLOOP_", "LABEL_STUDIO_", "BASIC_AUTH_"))}
+    env |= {
+        "LABELLOOP_STATE_DIR": str(base / "state"),
+        "LABELLOOP_MODEL_REPOSITORY": str(base / "model_repository"),
+        "LABELLOOP_GRPC_PORT": str(free_port()),
+        "LABELLOOP_HTTP_PORT": str(free_port()),
+        "LABELLOOP_METRICS_PORT": str(free_port()),
+        "LABELLOOP_BRIDGE_PORT": str(free_port()),
+        "LABELLOOP_LABEL_STUDIO_PORT": str(free_port()),
+    }
+    first = subprocess.run(
+        [sys.executable, "-m", "labelloop", "up"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
+    handle = Stack(env=env, state=base / "state", up_output=first.stdout)
+    try:
+        assert first.returncode == 0, first.stdout + first.stderr
+        yield handle
+    finally:
+        handle.run("down")
+
+
+def test_up_starts_everything_on_loopback_and_connects_the_project(stack: Stack) -> None:
+    assert "Label Studio  http://127.0.0.1:" in stack.up_output
+    assert "login admin@labelloop.local / " in stack.up_output
+    state = stack.status()
+    assert state["triton"]["ready"] is True and state["triton"]["version"] == 1
+    assert state["triton"]["model"] == "defect_detector"
+    assert state["bridge"]["status"] == "UP"
+    assert str(state["bridge"]["url"]).startswith("http://127.0.0.1:")
+    assert isinstance(state["label_studio"]["project_id"], int)
+    assert state["label_studio"]["ml_backend_connected"] is True
+    for pid in stack.pids().values():
+        for conn in psutil.Process(pid).net_connections(kind="inet"):
+            if conn.status == psutil.CONN_LISTEN:
+                assert conn.laddr.ip == "127.0.0.1", conn
+
+
+def test_second_up_reuses_everything(stack: Stack) -> None:
+    before, project = stack.pids(), stack.status()["label_studio"]["project_id"]
+    again = stack.run("up")
+    assert again.returncode == 0, again.stderr
+    assert stack.pids() == before
+    assert stack.status()["label_studio"]["project_id"] == project
+    assert "training the default detector" not in again.stdout
+
+
+def test_browser_shows_prelabels_as_regions(stack: Stack, demo_dataset: Path) -> None:
+    if CHROMIUM is None:
+        pytest.skip("no Chromium on this machine (apt-get install chromium); browser check not run")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    state = stack.status()
+    url, project = str(state["label_studio"]["url"]), state["label_studio"]["project_id"]
+    creds = stack.credentials()
+    images = sorted((demo_dataset.parent / "images" / "val").glob("*.jpg"))[:3]
+    with httpx.Client(base_url=url, headers={"Authorization": f"Token {creds['token']}"}, timeout=120) as api:
+        files = {f"file{i}": (p.name, p.read_bytes()) for i, p in enumerate(images)}
+        api.post(f"/api/projects/{project}/import", files=files).raise_for_status()
+        api.post(
+            "/api/dm/actions",
+            params={"id": "retrieve_tasks_predictions", "project": project},
+            json={"selectedItems": {"all": True, "excluded": []}},
+        ).raise_for_status()
+        tasks = api.get("/api/tasks/", params={"project": project, "fields": "all"}).json()["tasks"]
+    boxes = {t["id"]: len(t["predictions"][0]["result"]) for t in tasks if t["predictions"]}
+    assert len(boxes) == len(images) and all(
+        t["predictions"][0]["model_version"] == "defect_detector@v1" for t in tasks
+    )
+    task_id = max(boxes, key=lambda k: boxes[k])
+    assert boxes[task_id] > 0, "the test model found nothing to show"
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=_CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{url}/user/login/")
+            page.fill("input[name=email]", creds["username"])
+            page.fill("input[name=password]", creds["password"])
+            page.click("button[type=submit]")
+            page.wait_for_url(lambda u: "/user/login" not in u, timeout=60_000)
+            page.goto(f"{url}/projects/{project}/data?task={task_id}")
+            regions = page.locator(".lsf-tree__node_type_rectangleregion")
+            regions.nth(boxes[task_id] - 1).wait_for(timeout=60_000)
+            # The screenshot is for people: wait until the task image itself has been drawn.
+            page.wait_for_function(
+                "() => [...document.images].some(i => i.src.includes('/data/upload/') && i.complete)",
+                timeout=60_000,
+            )
+            page.wait_for_load_state("networkidle")
+            page.screenshot(path=str(ARTIFACTS / "label-studio-prelabels.png"))
+            assert regions.count() == boxes[task_id]
+            labels = {"dentado", "concave", "perforation"}
+            assert all(any(name in text for name in labels) for text in regions.all_inner_texts())
+        finally:
+            browser.close()
+
+
+def test_down_stops_what_up_started_and_only_that(stack: Stack) -> None:
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    pids = stack.pids()
+    assert set(pids) == {"triton", "bridge", "label-studio"}
+    result = stack.run("down")
+    assert result.returncode == 0, result.stderr
+    try:
+        for name, pid in pids.items():
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, name
+        leftovers = [
+            p.info["cmdline"]
+            for p in psutil.process_iter(["cmdline"])
+            if p.info["cmdline"] and str(stack.state) in " ".join(p.info["cmdline"])
+        ]
+        assert leftovers == []
+        assert bystander.poll() is None
+        assert stack.status()["bridge"]["status"] == "DOWN"
+    finally:
+        bystander.kill()
+        bystander.wait()
