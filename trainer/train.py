@@ -87,6 +87,9 @@ def train_detector(
         "optimizer": "AdamW",
         # Fine-tuning wants a gentler step than training from scratch.
         "lr0": lr0 if lr0 is not None else (0.0005 if base is not None else 0.002),
+        # ultralytics warms biases up from lr 0.1 unless optimizer="auto"; with AdamW that wrecks a
+        # trained head in the first epoch of a fine-tune (held-out mAP50 0.94 -> 0.73 seen here).
+        **({"warmup_bias_lr": 0.0} if base is not None else {}),
         "seed": seed,
         "deterministic": True,
         "plots": False,
