@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from labelloop.errors import ConfigError, LabelloopError, RepositoryError
+from labelloop.errors import LabelloopError, RepositoryError
 from labelloop.settings import Settings, load_settings
 from serving.client import DetectorClient, ImageDetections, ModelInfo
 from serving.control import load_served_version
@@ -117,15 +117,17 @@ def export_ensemble(
     version: Annotated[int | None, typer.Option(help="Version to lay out (default: the latest).")] = None,
     gpu: Annotated[bool, typer.Option("--gpu/--cpu", help="Instances on GPU with TensorRT FP16.")] = True,
     core: Annotated[
-        str, typer.Option(help="'onnxruntime' (NVIDIA's container) or 'python' (Triton without that backend).")
+        str,
+        typer.Option(
+            help="The ONNX step: 'onnxruntime' (NVIDIA's container), 'tensorrt' (Jetson: a plan built on the "
+            "device), or 'python' (Triton without those backends)."
+        ),
     ] = "onnxruntime",
     model: ModelName = None,
     model_repository: RepoOpt = None,
 ) -> None:
     """Write the onnxruntime variant (ensemble: python pre -> ONNX -> python post) of a version."""
     settings = load_settings(model_name=model, model_repository=model_repository)
-    if core not in ("onnxruntime", "python"):
-        raise fail(ConfigError(f"--core must be 'onnxruntime' or 'python', not {core!r}"))
     cfg = replace(detector_config(settings), kind="KIND_GPU" if gpu else "KIND_CPU")
     try:
         written = write_ensemble_repository(ModelRepository(settings.model_repository), cfg, out, version, core)

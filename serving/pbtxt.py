@@ -111,6 +111,7 @@ def render_core_onnx(cfg: DetectorConfig, backend: str = "onnxruntime") -> str:
 
     ``backend="python"`` runs the same ONNX through the python backend's ``infer`` stage: the
     stand-in for Triton builds without the onnxruntime backend (like the pytriton wheel's).
+    ``backend="tensorrt"`` expects ``model.plan`` built on the target (Jetson) with ``trtexec``.
     """
     accel = ""
     if cfg.tensorrt_fp16 and cfg.kind == "KIND_GPU":
@@ -124,7 +125,9 @@ def render_core_onnx(cfg: DetectorConfig, backend: str = "onnxruntime") -> str:
             "} ] } }\n"
         )
     runtime = 'platform: "onnxruntime_onnx"\n'
-    if backend == "python":
+    if backend == "tensorrt":  # Jetson: a plan built on the device with trtexec (see deploy/jetson.md)
+        runtime, accel = 'platform: "tensorrt_plan"\n', ""
+    elif backend == "python":
         runtime = 'backend: "python"\n'
         accel = _parameters({"stage": "infer", "intra_op_threads": cfg.intra_op_threads})
     return (

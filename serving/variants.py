@@ -17,7 +17,9 @@ from labelloop.errors import RepositoryError
 from serving.pbtxt import DetectorConfig, render_core_onnx, render_ensemble, render_stage
 from serving.repository import CARD_FILE, ONNX_FILE, ModelRepository
 
-__all__ = ["write_ensemble_repository"]
+__all__ = ["CORE_BACKENDS", "write_ensemble_repository"]
+
+CORE_BACKENDS = ("onnxruntime", "python", "tensorrt")
 
 _RUNTIME_FILES = ("model.py", "detector_ops.py")
 
@@ -54,6 +56,9 @@ def write_ensemble_repository(
     onnx = source.onnx_path(cfg.name, version).read_bytes()
     out.mkdir(parents=True, exist_ok=True)
 
+    if core_backend not in CORE_BACKENDS:
+        raise RepositoryError(f"unknown core backend {core_backend!r}; one of {', '.join(CORE_BACKENDS)}")
+    # tensorrt: the ONNX is the input of trtexec, which writes model.plan beside it on the device.
     core_files = {ONNX_FILE: onnx, **(code if core_backend == "python" else {})}
     _write_model(out, f"{cfg.name}_onnx", render_core_onnx(cfg, core_backend), version, core_files)
     for stage in ("preprocess", "postprocess"):
