@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 
 from labelloop import stack
+from labelloop.errors import LabelloopError
+from labelloop.settings import load_settings, reference_markdown
 from ls_bridge import cli as bridge_cli
 from serving import cli as serving_cli
 from trainer import cli as trainer_cli
@@ -33,6 +35,24 @@ def main(
     )
     # One line per HTTP request drowns the progress that matters.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+@app.command()
+def config(
+    reference: Annotated[bool, typer.Option("--reference", help="Print every setting as a markdown table.")] = False,
+) -> None:
+    """Print the effective settings (secrets masked), or the configuration reference."""
+    if reference:
+        typer.echo(reference_markdown(), nl=False)
+        return
+    try:
+        settings = load_settings()
+    except LabelloopError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from exc
+    # SecretStr fields dump as "**********": tokens never reach the terminal.
+    for name, value in settings.model_dump(mode="json").items():
+        typer.echo(f"{name}: {value}")
 
 
 for group in (serving_cli.app, trainer_cli.app, bridge_cli.app, stack.app):

@@ -24,7 +24,7 @@ from pydantic_settings import (
 
 from labelloop.errors import ConfigError
 
-__all__ = ["CONFIG_ENV", "Settings", "get_settings", "load_settings"]
+__all__ = ["CONFIG_ENV", "Settings", "get_settings", "load_settings", "reference_markdown"]
 
 CONFIG_ENV = "LABELLOOP_CONFIG"
 _DEFAULT_YAML = "labelloop.yaml"
@@ -157,3 +157,20 @@ def load_settings(**overrides: Any) -> Settings:
 def get_settings() -> Settings:
     """Process-wide settings from files and environment (no flags)."""
     return load_settings()
+
+
+def _env_names(name: str, alias: object) -> list[str]:
+    if isinstance(alias, AliasChoices):
+        return [str(c) for c in alias.choices if str(c) != name]
+    return [f"LABELLOOP_{name.upper()}"]
+
+
+def reference_markdown() -> str:
+    """The README's configuration reference, generated from the fields so it cannot drift."""
+    rows = ["| setting | environment | default | meaning |", "| --- | --- | --- | --- |"]
+    for name, info in Settings.model_fields.items():
+        default = info.get_default(call_default_factory=True)
+        shown = "" if default is None else (",".join(default) if isinstance(default, list) else str(default))
+        envs = " / ".join(f"`{e}`" for e in _env_names(name, info.validation_alias))
+        rows.append(f"| `{name}` | {envs} | `{shown}` | {info.description} |")
+    return "\n".join(rows) + "\n"

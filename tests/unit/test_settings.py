@@ -47,3 +47,24 @@ def test_bad_values_are_config_errors(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "missing.yaml"))
     with pytest.raises(ConfigError, match="no such file"):
         load_settings()
+
+
+def test_readme_configuration_reference_is_current() -> None:
+    """The README's table is generated (`labelloop config --reference`): regenerate it when fields change."""
+    from pathlib import Path
+
+    from labelloop.settings import reference_markdown
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert reference_markdown() in readme
+
+
+def test_config_command_masks_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from labelloop.cli import app
+
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "very-secret-token")
+    result = CliRunner().invoke(app, ["config"])
+    assert result.exit_code == 0
+    assert "very-secret-token" not in result.output and "label_studio_api_key: **********" in result.output
