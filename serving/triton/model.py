@@ -132,7 +132,7 @@ class TritonPythonModel:
             except ImageRejected as exc:
                 prepared.append(exc)
         batches = [item[0] for item in prepared if not isinstance(item, Exception)]
-        raw = self._infer(np.concatenate(batches)) if batches else None
+        raw = self._infer(np.concatenate(batches)) if batches else np.empty((0,), np.float32)
         responses, offset = [], 0
         for request, item in zip(requests, prepared, strict=True):
             if isinstance(item, Exception):
