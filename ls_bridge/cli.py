@@ -1,0 +1,72 @@
+"""``labelloop bridge | prelabel``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Annotated
+
+import typer
+import uvicorn
+
+from labelloop.errors import ConfigError, LabelloopError
+from labelloop.settings import load_settings
+from ls_bridge.app import create_app
+from ls_bridge.prelabel import prelabel_project
+from serving.cli import fail
+from serving.launcher import port_in_use
+
+__all__ = ["app"]
+
+logger = logging.getLogger(__name__)
+app = typer.Typer(no_args_is_help=True)
+
+TritonUrl = Annotated[str | None, typer.Option("--triton-url", help="Triton gRPC host:port.")]
+ModelName = Annotated[str | None, typer.Option("--model", help="Detector name in the repository.")]
+
+
+@app.command()
+def bridge(
+    port: Annotated[int | None, typer.Option(help="Port to listen on (default 9090).")] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Address to listen on (default 127.0.0.1; 0.0.0.0 for Docker).")
+    ] = None,
+    triton_url: TritonUrl = None,
+    model: ModelName = None,
+) -> None:
+    """Run the Label Studio ML backend: pre-labels from Triton at /predict, events at /webhook."""
+    try:
+        settings = load_settings(bridge_port=port, bridge_host=host, triton_url=triton_url, model_name=model)
+        if port_in_use(settings.bridge_host, settings.bridge_port):
+            raise ConfigError(f"bridge port {settings.bridge_host}:{settings.bridge_port} is already in use")
+        application = create_app(settings)
+    except LabelloopError as exc:
+        raise fail(exc) from exc
+    # log_config=None keeps the CLI's logging setup instead of uvicorn's own.
+    config = uvicorn.Config(application, host=settings.bridge_host, port=settings.bridge_port, log_config=None)
+    # uvicorn re-raises the signal that stopped it after a graceful shutdown; end normally instead.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    uvicorn.Server(config).run()
+
+
+@app.command()
+def prelabel(
+    project: Annotated[int, typer.Option("--project", help="Label Studio project id.")],
+    batch_size: Annotated[int | None, typer.Option(help="Tasks per page (default 64).")] = None,
+    triton_url: TritonUrl = None,
+    model: ModelName = None,
+) -> None:
+    """Pre-label every task of a project that lacks a prediction of the served model version."""
+    try:
+        settings = load_settings(prelabel_batch_size=batch_size, triton_url=triton_url, model_name=model)
+        report = asyncio.run(prelabel_project(settings, project))
+    except LabelloopError as exc:
+        raise fail(exc) from exc
+    typer.echo(
+        f"project {report.project_id}: {report.predicted} predicted ({report.regions} boxes), "
+        f"{report.skipped} already had {report.model_version}, {report.failed} failed"
+    )
+    if report.failed:
+        raise typer.Exit(code=2)

@@ -1,0 +1,229 @@
+"""Label configs, read with label-studio-sdk's label interface, turned into plans for pre-labels.
+
+One class per control tag (``RectangleLabelsModel``, ``TAG = "RectangleLabels"``), found through
+``CONTROL_MODELS``. Each pairs one control with one object tag (``RectangleLabels`` -> ``Image``),
+maps model classes to the control's labels and turns detections into Label Studio regions.
+Nothing here runs a model: the detections come in, regions go out.
+
+Per-control knobs are attributes in the label config, as Label Studio's own ML backends read them:
+``model_score_threshold`` (drop boxes below it), ``model_skip="true"`` (leave the control alone)
+and, on a ``<Label>``, ``predicted_values="a,b"`` (model classes shown as that label).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, ClassVar
+
+from label_studio_sdk.label_interface.interface import LabelInterface
+
+from labelloop.errors import ConfigError
+from ls_bridge.geometry import PixelBox, pixels_to_percent
+from ls_bridge.schemas import RectangleRegion, RectangleValue
+from serving.client import ImageDetections
+
+__all__ = [
+    "CONTROL_MODELS",
+    "ControlModel",
+    "LabelPlan",
+    "RectangleLabelsModel",
+    "build_label_map",
+    "plan_for_config",
+]
+
+logger = logging.getLogger(__name__)
+
+_TRUE = frozenset({"true", "1", "yes"})
+
+
+def build_label_map(
+    from_name: str, labels: Mapping[str, Mapping[str, Any]], model_classes: Sequence[str]
+) -> dict[str, str]:
+    """Model class -> Label Studio label: ``predicted_values`` first, then exact, then case-insensitive name.
+
+    ``labels`` is the control's ``{label: attributes}``. Logs one line per model class left without
+    a label, and one per ``predicted_values`` entry that names no model class.
+    """
+    classes = set(model_classes)
+    label_map: dict[str, str] = {}
+    for label, attrs in labels.items():
+        for value in str(attrs.get("predicted_values", "")).split(","):
+            value = value.strip()
+            if not value:
+                continue
+            if value not in classes:
+                logger.warning(
+                    "%s: predicted_values %r on label %r names no model class (model classes: %s)",
+                    from_name,
+                    value,
+                    label,
+                    ", ".join(model_classes),
+                )
+                continue
+            label_map.setdefault(value, label)
+    by_folded = {label.casefold(): label for label in labels}
+    for name in model_classes:
+        if name in label_map:
+            continue
+        if name in labels:
+            label_map[name] = name
+        elif name.casefold() in by_folded:
+            label_map[name] = by_folded[name.casefold()]
+        else:
+            logger.warning("%s: model class %r has no label; its boxes are dropped", from_name, name)
+    return label_map
+
+
+@dataclass(frozen=True)
+class ControlModel(ABC):
+    """One control tag paired with one object tag, with its label map and score threshold."""
+
+    TAG: ClassVar[str]
+    OBJECT_TAGS: ClassVar[frozenset[str]]
+
+    from_name: str
+    to_name: str
+    value_key: str
+    score_threshold: float
+    label_map: Mapping[str, str]
+
+    @classmethod
+    def is_control_matched(cls, control_tag: str, object_tag: str) -> bool:
+        return control_tag == cls.TAG and object_tag in cls.OBJECT_TAGS
+
+    @classmethod
+    def create(
+        cls,
+        control: Any,
+        obj: Any,
+        model_classes: Sequence[str],
+        default_threshold: float,
+    ) -> ControlModel | None:
+        """Build the model for one control/object pair, or None when the pair cannot be predicted."""
+        attrs: Mapping[str, str] = control.attr
+        if attrs.get("model_skip", "").strip().lower() in _TRUE:
+            logger.info("%s: model_skip is set; not pre-labelled", control.name)
+            return None
+        value = str(obj.value or "")
+        if not value.startswith("$") or len(value) < 2:
+            logger.warning("%s -> %s: object value %r is not a task field ($name)", control.name, obj.name, value)
+            return None
+        threshold = attrs.get("model_score_threshold")
+        try:
+            score_threshold = float(threshold) if threshold is not None else default_threshold
+        except ValueError as exc:
+            raise ConfigError(f"{control.name}: model_score_threshold={threshold!r} is not a number") from exc
+        labels = {name: tag.attr for name, tag in (control.labels_attrs or {}).items()}
+        return cls(
+            from_name=control.name,
+            to_name=obj.name,
+            value_key=value[1:],
+            score_threshold=score_threshold,
+            label_map=build_label_map(control.name, labels, model_classes),
+        )
+
+    @abstractmethod
+    def regions(self, detections: ImageDetections) -> list[RectangleRegion]:
+        """The Label Studio results for this control from one image's detections."""
+
+
+@dataclass(frozen=True)
+class RectangleLabelsModel(ControlModel):
+    """Boxes on an image, as ``rectanglelabels`` results in percent of the displayed image."""
+
+    TAG: ClassVar[str] = "RectangleLabels"
+    OBJECT_TAGS: ClassVar[frozenset[str]] = frozenset({"Image"})
+
+    def regions(self, detections: ImageDetections) -> list[RectangleRegion]:
+        results = []
+        for det in detections.detections:
+            label = self.label_map.get(det.label)
+            if label is None or det.score < self.score_threshold:
+                continue
+            box = pixels_to_percent(PixelBox(det.x1, det.y1, det.x2, det.y2), detections.width, detections.height)
+            if box.width <= 0 or box.height <= 0:
+                continue
+            results.append(
+                RectangleRegion(
+                    id=uuid.uuid4().hex[:10],
+                    from_name=self.from_name,
+                    to_name=self.to_name,
+                    original_width=detections.width,
+                    original_height=detections.height,
+                    value=RectangleValue(x=box.x, y=box.y, width=box.width, height=box.height, rectanglelabels=[label]),
+                    score=det.score,
+                )
+            )
+        return results
+
+
+CONTROL_MODELS: dict[str, type[ControlModel]] = {RectangleLabelsModel.TAG: RectangleLabelsModel}
+
+
+@dataclass(frozen=True)
+class LabelPlan:
+    """What to predict for a label config: the control models and the task fields they read."""
+
+    controls: tuple[ControlModel, ...]
+
+    @property
+    def value_keys(self) -> tuple[str, ...]:
+        """Task ``data`` keys holding image URLs, each once, in config order."""
+        return tuple(dict.fromkeys(c.value_key for c in self.controls))
+
+    @property
+    def min_threshold(self) -> float:
+        """The lowest threshold any control asks for: what Triton must return."""
+        return min(c.score_threshold for c in self.controls)
+
+    def format(self, detections: Mapping[str, ImageDetections]) -> tuple[list[RectangleRegion], float]:
+        """Regions for one task (detections keyed by task field) and the mean box confidence."""
+        regions = [r for c in self.controls if c.value_key in detections for r in c.regions(detections[c.value_key])]
+        score = sum(r.score for r in regions) / len(regions) if regions else 0.0
+        return regions, score
+
+
+def _parse(config: str) -> LabelInterface:
+    """The SDK's parser, its failures as ConfigError."""
+    try:
+        return LabelInterface(config)
+    except Exception as exc:  # the SDK raises plain Exception (and its own XML errors) for bad configs
+        raise ConfigError(f"label config cannot be parsed: {exc}") from exc
+
+
+def _describe(controls: Iterable[Any]) -> str:
+    return "; ".join(f"{c.tag} {c.name!r} -> {', '.join(c.to_name or [])}" for c in controls) or "no controls"
+
+
+@lru_cache(maxsize=64)
+def plan_for_config(config: str, model_classes: tuple[str, ...], default_threshold: float) -> LabelPlan:
+    """Parse a label config once per (config, classes); ConfigError when nothing in it can be predicted."""
+    interface = _parse(config)
+    controls: list[ControlModel] = []
+    for control in interface.controls:
+        for obj in control.objects or []:
+            model_cls = next((m for m in CONTROL_MODELS.values() if m.is_control_matched(control.tag, obj.tag)), None)
+            if model_cls is None:
+                continue
+            model = model_cls.create(control, obj, model_classes, default_threshold)
+            if model is not None:
+                controls.append(model)
+    if not controls:
+        supported = ", ".join(f"{t} -> {'/'.join(sorted(m.OBJECT_TAGS))}" for t, m in CONTROL_MODELS.items())
+        raise ConfigError(
+            f"nothing to pre-label in this label config: it needs a {supported} pair "
+            f"(found: {_describe(interface.controls)})"
+        )
+    if not any(c.label_map for c in controls):
+        labels = sorted({label for c in interface.controls if c.tag in CONTROL_MODELS for label in c.labels or []})
+        raise ConfigError(
+            f"no model class matches a label in the config: model classes [{', '.join(model_classes)}], "
+            f"config labels [{', '.join(labels)}]. Rename the labels, or add "
+            'predicted_values="<model class>" to a <Label>'
+        )
+    return LabelPlan(controls=tuple(controls))

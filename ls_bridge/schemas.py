@@ -1,0 +1,124 @@
+"""Wire models of the Label Studio ML backend protocol, with Label Studio's own field names."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "ErrorResponse",
+    "HealthResponse",
+    "PredictRequest",
+    "PredictResponse",
+    "Prediction",
+    "RectangleRegion",
+    "RectangleValue",
+    "SetupRequest",
+    "SetupResponse",
+    "Task",
+    "WebhookEvent",
+    "WebhookResponse",
+]
+
+
+class _Incoming(BaseModel):
+    """Label Studio adds fields between releases: keep what we do not read instead of failing."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class Task(_Incoming):
+    """One task as Label Studio serialises it; ``data`` holds the object values (``$image``)."""
+
+    id: int
+    data: dict[str, Any] = Field(default_factory=dict)
+    project: int | None = None
+    predictions: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class SetupRequest(_Incoming):
+    """``POST /setup``; sent before every prediction cycle, answered within 3 s."""
+
+    project: str | None = None
+    # "schema" would shadow BaseModel.schema, hence the alias.
+    label_config: str | None = Field(None, alias="schema")
+    hostname: str | None = None
+    access_token: str | None = Field(None, repr=False)
+    extra_params: dict[str, Any] | None = None
+
+
+class SetupResponse(BaseModel):
+    model_version: str
+
+
+class PredictRequest(_Incoming):
+    """``POST /predict``: a batch of tasks with the project's label config."""
+
+    tasks: list[Task]
+    project: str | None = None
+    label_config: str | None = None
+    params: dict[str, Any] | None = None
+
+
+class RectangleValue(BaseModel):
+    """Percent of the displayed image, top-left origin."""
+
+    x: float
+    y: float
+    width: float
+    height: float
+    rotation: float = 0.0
+    rectanglelabels: list[str]
+
+
+class RectangleRegion(BaseModel):
+    """One pre-labelled box, exactly as Label Studio stores a ``rectanglelabels`` result."""
+
+    id: str
+    from_name: str
+    to_name: str
+    type: Literal["rectanglelabels"] = "rectanglelabels"
+    original_width: int
+    original_height: int
+    image_rotation: int = 0
+    value: RectangleValue
+    score: float
+
+
+class Prediction(BaseModel):
+    """One task's answer: its regions, the mean box confidence and the served model version."""
+
+    result: list[RectangleRegion] = Field(default_factory=list)
+    score: float = 0.0
+    model_version: str
+
+
+class PredictResponse(BaseModel):
+    results: list[Prediction]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["UP", "DOWN"]
+    model_class: str = "labelloop-bridge"
+    model_version: str | None = None
+    classes: list[str] = Field(default_factory=list)
+    detail: str | None = None
+
+
+class WebhookEvent(_Incoming):
+    """A webhook body: ``action`` plus whatever Label Studio sends with it (project, task, annotation)."""
+
+    action: str
+
+
+class WebhookResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+    id: int
+
+
+class ErrorResponse(BaseModel):
+    """The body of every expected failure: a message and the labelloop error class."""
+
+    detail: str
+    error: str

@@ -1,0 +1,148 @@
+"""Real peers for the bridge: Label Studio, the bridge itself in uvicorn, and a plain image server."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from labelloop.settings import Settings
+from ls_bridge.app import create_app
+from ls_bridge.geometry import PercentBox, percent_to_pixels
+from tests.conftest import free_port
+from tests.label_studio import LABEL_STUDIO_BIN, LabelStudioServer
+
+BOX_TOLERANCE_PX = 1e-3
+
+
+def assert_regions_match(result: list[dict[str, Any]], width: int, height: int, boxes: list[dict[str, Any]]) -> None:
+    """Label Studio regions equal detections (``labelloop detect --json`` rows): labels, scores, boxes in pixels."""
+    assert len(result) == len(boxes)
+    for region, box in zip(result, boxes, strict=True):
+        assert (region["from_name"], region["to_name"], region["type"]) == ("label", "image", "rectanglelabels")
+        assert (region["original_width"], region["original_height"]) == (width, height)
+        value = region["value"]
+        assert value["rectanglelabels"] == [box["label"]]
+        assert region["score"] == pytest.approx(box["score"], abs=1e-6)
+        pixels = percent_to_pixels(PercentBox(value["x"], value["y"], value["width"], value["height"]), width, height)
+        assert pixels == pytest.approx((box["x1"], box["y1"], box["x2"], box["y2"]), abs=BOX_TOLERANCE_PX)
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudioServer]:
+    """One real Label Studio 1.23 for the whole session (its first start migrates, ~40-60 s)."""
+    if not LABEL_STUDIO_BIN.is_file():
+        pytest.skip(f"Label Studio is not installed at {LABEL_STUDIO_BIN} (scripts/setup.sh creates .venv-ls)")
+    with LabelStudioServer(tmp_path_factory.mktemp("label-studio"), port=free_port()) as server:
+        yield server
+
+
+class BridgeServer:
+    """``create_app(settings)`` served by uvicorn in a thread on a free loopback port."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.port = free_port()
+        self.app = create_app(settings)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_config=None, lifespan="on")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name=f"bridge-{self.port}", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the bridge did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+
+    def client(self, **kwargs: object) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=120.0, trust_env=False, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def bridge_factory() -> Iterator[Callable[[Settings], BridgeServer]]:
+    """Start bridges for one test; all are stopped when it ends."""
+    started: list[BridgeServer] = []
+
+    def start(settings: Settings) -> BridgeServer:
+        server = BridgeServer(settings)
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+class _ImageHandler(http.server.SimpleHTTPRequestHandler):
+    """Files from a folder, plus ``/slow/<file>`` (answers after 2 s) and ``/redirect?to=<url>``."""
+
+    server: ImageServer
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.server.hits[self.path.split("?", 1)[0]] += 1
+        if self.path.startswith("/redirect?to="):
+            self.send_response(302)
+            self.send_header("Location", self.path.split("=", 1)[1])
+            self.end_headers()
+            return
+        if self.path.startswith("/slow/"):
+            time.sleep(2)
+            self.path = self.path[len("/slow") :]
+        super().do_GET()
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet: the tests count hits instead."""
+
+
+class ImageServer(http.server.ThreadingHTTPServer):
+    """A plain http server for task images on 127.0.0.1, counting the paths it was asked for."""
+
+    daemon_threads = True
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.hits: Counter[str] = Counter()
+
+        def handler(*args: object) -> _ImageHandler:
+            return _ImageHandler(*args, directory=str(root))  # type: ignore[arg-type]
+
+        super().__init__(("127.0.0.1", 0), handler)
+        self._thread = threading.Thread(target=self.serve_forever, name="image-server", daemon=True)
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """Quiet: clients that hang up early (size and time limits) are what the tests provoke."""
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.server_address[1]}"
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host}/{path.lstrip('/')}"
+
+    def __enter__(self) -> ImageServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+        self.server_close()
+        self._thread.join(timeout=10)

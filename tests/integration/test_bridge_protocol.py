@@ -1,0 +1,287 @@
+"""The ML backend protocol against the running bridge, a real tritonserver and a real image server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from labelloop.settings import Settings
+from labelloop.studio import DEFECT_LABEL_CONFIG as SEED_CONFIG
+from ls_bridge.events import EventStore
+from serving.client import ImageDetections
+from serving.publish import make_client
+from tests.conftest import TritonHandle, free_port
+from tests.integration.conftest import BridgeServer, ImageServer, assert_regions_match
+
+pytestmark = [pytest.mark.slow, pytest.mark.triton]
+
+VERSION = "defect_detector@v1"
+
+BridgeFactory = Callable[[Settings], BridgeServer]
+
+
+@pytest.fixture(scope="module")
+def image_dir(demo_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo validation images, plus a file that is no image at all."""
+    root = tmp_path_factory.mktemp("served")
+    for path in sorted((demo_dataset.parent / "images" / "val").iterdir()):
+        (root / path.name).write_bytes(path.read_bytes())
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def images(image_dir: Path) -> list[str]:
+    return sorted(p.name for p in image_dir.iterdir() if p.name != "broken.png")
+
+
+@pytest.fixture(scope="module")
+def image_server(image_dir: Path) -> Iterator[ImageServer]:
+    with ImageServer(image_dir) as server:
+        yield server
+
+
+def _settings(triton: TritonHandle, image_server: ImageServer, tmp_path: Path, **extra: Any) -> Settings:
+    update = {"allowed_hosts": [image_server.host], "state_dir": tmp_path / "state", **extra}
+    return triton.settings.model_copy(update=update)
+
+
+@pytest.fixture
+def bridge(
+    triton_server: TritonHandle, image_server: ImageServer, tmp_path: Path, bridge_factory: BridgeFactory
+) -> BridgeServer:
+    return bridge_factory(_settings(triton_server, image_server, tmp_path))
+
+
+def _task(task_id: int, url: str) -> dict[str, Any]:
+    return {"id": task_id, "data": {"image": url}, "project": 1, "predictions": [], "annotations": []}
+
+
+def _predict(bridge: BridgeServer, tasks: list[dict[str, Any]], config: str = SEED_CONFIG) -> httpx.Response:
+    body = {"tasks": tasks, "project": "1.1700000000", "label_config": config, "params": {"context": None}}
+    with bridge.client() as client:
+        return client.post("/predict", json=body)
+
+
+def _direct(triton: TritonHandle, blobs: list[bytes]) -> list[ImageDetections]:
+    """What Triton answers for the same bytes, through the serving client the CLI uses."""
+
+    async def run() -> list[ImageDetections]:
+        async with make_client(triton.settings) as client:
+            return [await client.detect(b, conf=0.25, iou=triton.settings.iou) for b in blobs]
+
+    return asyncio.run(run())
+
+
+def assert_same_boxes(result: list[dict[str, Any]], expected: ImageDetections) -> None:
+    boxes = [asdict(d) for d in expected.detections]
+    assert_regions_match(result, expected.width, expected.height, boxes)
+
+
+def test_health_is_up_with_the_served_version(bridge: BridgeServer) -> None:
+    with bridge.client() as client:
+        started = time.perf_counter()
+        response = client.get("/health")
+        elapsed = time.perf_counter() - started
+    assert response.status_code == 200
+    assert response.json() | {"detail": None} == {
+        "status": "UP",
+        "model_class": "labelloop-bridge",
+        "model_version": VERSION,
+        "classes": ["dentado", "concave", "perforation"],
+        "detail": None,
+    }
+    assert elapsed < 1.0  # Label Studio gives /health one second
+
+
+def test_without_triton_health_is_down_and_errors_are_clean(
+    image_server: ImageServer, tmp_path: Path, bridge_factory: BridgeFactory, triton_server: TritonHandle
+) -> None:
+    settings = _settings(triton_server, image_server, tmp_path, triton_url=f"127.0.0.1:{free_port()}")
+    bridge = bridge_factory(settings)
+    with bridge.client() as client:
+        health = client.get("/health")
+        setup = client.post("/setup", json={"project": "1.1", "schema": SEED_CONFIG})
+    assert health.status_code == 503 and health.json()["status"] == "DOWN"
+    assert "TritonUnavailableError" in health.json()["detail"]
+    assert setup.status_code == 503
+    assert setup.json()["error"] == "TritonUnavailableError" and "Traceback" not in setup.text
+    predict = _predict(bridge, [_task(1, image_server.url("broken.png"))])
+    assert predict.status_code == 503 and predict.json()["error"] == "TritonUnavailableError"
+
+
+def test_setup_answers_the_model_version_and_refuses_configs_with_nothing_to_predict(bridge: BridgeServer) -> None:
+    choices_only = (
+        '<View><Image name="image" value="$image"/>'
+        '<Choices name="c" toName="image"><Choice value="a"/></Choices></View>'
+    )
+    with bridge.client() as client:
+        good = client.post(
+            "/setup",
+            json={"project": "1.1700000000", "schema": SEED_CONFIG, "hostname": "http://x", "access_token": "t"},
+        )
+        bad = client.post("/setup", json={"project": "1.1700000000", "schema": choices_only})
+        no_match = client.post(
+            "/setup",
+            json={
+                "schema": SEED_CONFIG.replace('"concave"', '"x"')
+                .replace('"dentado"', '"y"')
+                .replace('"perforation"', '"z"')
+            },
+        )
+    assert good.status_code == 200 and good.json() == {"model_version": VERSION}
+    assert bad.status_code == 400
+    assert bad.json() == {
+        "detail": "nothing to pre-label in this label config: it needs a RectangleLabels -> Image pair "
+        "(found: Choices 'c' -> image)",
+        "error": "ConfigError",
+    }
+    assert no_match.status_code == 400 and "dentado, concave, perforation" in no_match.json()["detail"]
+
+
+def test_predict_answers_every_task_in_order_like_triton(
+    bridge: BridgeServer, triton_server: TritonHandle, image_server: ImageServer, image_dir: Path, images: list[str]
+) -> None:
+    names = [*images[:10], images[0]]  # a repeated image is a separate task
+    tasks = [_task(100 + i, image_server.url(name)) for i, name in enumerate(names)]
+    response = _predict(bridge, tasks)
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert len(results) == len(tasks)
+    expected = _direct(triton_server, [(image_dir / n).read_bytes() for n in names])
+    assert sum(len(e.detections) for e in expected) > 0
+    for result, want in zip(results, expected, strict=True):
+        assert result["model_version"] == VERSION
+        assert_same_boxes(result["result"], want)
+        scores = [d.score for d in want.detections]
+        assert result["score"] == pytest.approx(sum(scores) / len(scores) if scores else 0.0, abs=1e-6)
+
+
+def test_failed_tasks_answer_empty_and_the_batch_goes_on(
+    bridge: BridgeServer,
+    triton_server: TritonHandle,
+    image_server: ImageServer,
+    image_dir: Path,
+    images: list[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    port = image_server.server_address[1]
+    tasks = [
+        _task(1, image_server.url(images[0])),
+        _task(2, image_server.url("broken.png")),  # not an image: Triton refuses it
+        _task(3, image_server.url("missing.png")),  # 404
+        _task(4, f"http://localhost:{port}/{images[1]}"),  # not an allowed host
+        _task(5, "/data/upload/1/x.png"),  # needs LABEL_STUDIO_URL, which is not set
+        {"id": 6, "data": {"picture": image_server.url(images[1])}},  # no $image field
+        _task(7, image_server.url(images[2])),
+    ]
+    hits_before = image_server.hits[f"/{images[1]}"]
+    with caplog.at_level(logging.WARNING, logger="ls_bridge"):
+        response = _predict(bridge, tasks)
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert len(results) == len(tasks)
+    assert all(r["model_version"] == VERSION for r in results)
+    for i in (1, 2, 3, 4, 5):
+        assert results[i] == {"result": [], "score": 0.0, "model_version": VERSION}
+    good = _direct(triton_server, [(image_dir / images[0]).read_bytes(), (image_dir / images[2]).read_bytes()])
+    assert_same_boxes(results[0]["result"], good[0])
+    assert_same_boxes(results[6]["result"], good[1])
+    warnings = [r.getMessage() for r in caplog.records if r.name == "ls_bridge.predictor"]
+    assert len(warnings) == 5
+    for task_id, error in [
+        (2, "ImageError"),
+        (3, "FetchError"),
+        (4, "FetchError"),
+        (5, "FetchError"),
+        (6, "FetchError"),
+    ]:
+        assert sum(w.startswith(f"task {task_id}: no pre-labels ({error}:") for w in warnings) == 1
+    assert image_server.hits[f"/{images[1]}"] == hits_before  # the refused host was never contacted
+    with bridge.client() as client:
+        metrics = client.get("/metrics").text
+    assert 'labelloop_bridge_tasks_total{outcome="failed"} 5' in metrics
+    assert 'labelloop_bridge_errors_total{error="ImageError",where="task"} 1' in metrics
+
+
+def test_metrics_count_requests_and_time_each_stage(
+    bridge: BridgeServer, image_server: ImageServer, images: list[str]
+) -> None:
+    assert _predict(bridge, [_task(i, image_server.url(n)) for i, n in enumerate(images[:4])]).status_code == 200
+    with bridge.client() as client:
+        client.get("/health")
+        response = client.get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = response.text
+    assert 'labelloop_bridge_requests_total{path="/predict",status="200"} 1' in text
+    assert 'labelloop_bridge_requests_total{path="/health",status="200"} 1' in text
+    assert 'labelloop_bridge_tasks_total{outcome="ok"} 4' in text
+    for stage in ("fetch", "infer", "format"):
+        assert f'labelloop_bridge_stage_seconds_count{{stage="{stage}"}} 4' in text
+        assert f'labelloop_bridge_stage_seconds_bucket{{stage="{stage}",le="+Inf"}} 4' in text
+
+
+def test_webhook_events_are_stored_for_the_trainer(bridge: BridgeServer) -> None:
+    event = {
+        "action": "ANNOTATION_CREATED",
+        "project": {"id": 3},
+        "task": {"id": 17, "data": {"image": "/data/upload/3/a.png"}},
+        "annotation": {"id": 9, "result": []},
+    }
+    with bridge.client() as client:
+        created = client.post("/webhook", json=event)
+        no_action = client.post("/webhook", json={"project": 3})
+    assert created.status_code == 201 and created.json() == {"status": "ok", "id": 1}
+    assert no_action.status_code == 422
+    (stored,) = EventStore.for_settings(bridge.settings).since(0)
+    assert (stored.action, stored.project_id, stored.task_id, stored.payload) == ("ANNOTATION_CREATED", 3, 17, event)
+
+
+def test_basic_auth_guards_every_route(
+    triton_server: TritonHandle, image_server: ImageServer, tmp_path: Path, bridge_factory: BridgeFactory
+) -> None:
+    settings = _settings(
+        triton_server, image_server, tmp_path, basic_auth_user="ls", basic_auth_pass=SecretStr("s3cret")
+    )
+    bridge = bridge_factory(settings)
+    with bridge.client() as client:
+        for method, path in [
+            ("GET", "/health"),
+            ("POST", "/setup"),
+            ("POST", "/predict"),
+            ("POST", "/webhook"),
+            ("GET", "/metrics"),
+        ]:
+            anonymous = client.request(method, path, json={})
+            assert anonymous.status_code == 401, path
+            assert anonymous.headers["www-authenticate"] == 'Basic realm="labelloop-bridge"'
+            wrong = client.request(method, path, json={}, auth=("ls", "wrong"))
+            assert wrong.status_code == 401, path
+        assert client.get("/health", auth=("ls", "s3cret")).json()["status"] == "UP"
+        header = "Basic " + base64.b64encode(b"ls:s3cret").decode()
+        assert client.get("/metrics", headers={"Authorization": header}).status_code == 200
+
+
+def test_predict_500_tasks_within_label_studios_timeout(
+    bridge: BridgeServer, image_server: ImageServer, images: list[str]
+) -> None:
+    tasks = [_task(i, image_server.url(images[i % len(images)])) for i in range(500)]
+    started = time.perf_counter()
+    response = _predict(bridge, tasks)
+    elapsed = time.perf_counter() - started
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert len(results) == 500 and all(r["model_version"] == VERSION for r in results)
+    assert sum(len(r["result"]) for r in results) > 0
+    print(f"\n/predict with 500 tasks: {elapsed:.1f}s ({1000 * elapsed / 500:.1f} ms per task)")
+    assert elapsed < 100.0  # ML_TIMEOUT_PREDICT

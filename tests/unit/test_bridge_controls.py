@@ -1,0 +1,174 @@
+"""Label configs become plans: every RectangleLabels->Image pair, thresholds, label maps, LS JSON."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from labelloop.errors import ConfigError
+from ls_bridge.controls import RectangleLabelsModel, build_label_map, plan_for_config
+from serving.client import Detection, ImageDetections
+
+CLASSES = ("dentado", "concave", "perforation")
+
+SEED_CONFIG = """
+<View>
+  <Image name="image" value="$image"/>
+  <RectangleLabels name="label" toName="image" model_score_threshold="0.25">
+    <Label value="dentado" background="#FFA39E"/>
+    <Label value="concave" background="#D4380D"/>
+    <Label value="perforation" background="#FFC069"/>
+  </RectangleLabels>
+</View>
+"""
+
+
+def _detections(*boxes: tuple[str, float, float, float, float, float]) -> ImageDetections:
+    return ImageDetections(
+        width=200,
+        height=100,
+        model_version=3,
+        detections=[
+            Detection(label=label, class_id=CLASSES.index(label), score=score, x1=x1, y1=y1, x2=x2, y2=y2)
+            for label, score, x1, y1, x2, y2 in boxes
+        ],
+    )
+
+
+def test_seed_config_gives_one_rectangle_control() -> None:
+    plan = plan_for_config(SEED_CONFIG, CLASSES, 0.5)
+    (control,) = plan.controls
+    assert isinstance(control, RectangleLabelsModel)
+    assert (control.from_name, control.to_name, control.value_key) == ("label", "image", "image")
+    assert control.score_threshold == 0.25  # from the config, not the 0.5 default
+    assert control.label_map == {c: c for c in CLASSES}
+    assert plan.value_keys == ("image",)
+
+
+def test_regions_are_label_studio_json_with_mean_score() -> None:
+    plan = plan_for_config(SEED_CONFIG, CLASSES, 0.25)
+    regions, score = plan.format(
+        {"image": _detections(("concave", 0.9, 20, 10, 60, 30), ("perforation", 0.5, 0, 0, 200, 100))}
+    )
+    first = regions[0].model_dump()
+    assert first["from_name"] == "label" and first["to_name"] == "image"
+    assert first["type"] == "rectanglelabels"
+    assert (first["original_width"], first["original_height"], first["image_rotation"]) == (200, 100, 0)
+    assert first["value"].pop("rectanglelabels") == ["concave"]
+    assert first["value"] == pytest.approx({"x": 10.0, "y": 10.0, "width": 20.0, "height": 20.0, "rotation": 0.0})
+    assert first["score"] == 0.9
+    assert regions[1].value.rectanglelabels == ["perforation"]
+    assert score == pytest.approx(0.7)
+    assert len({r.id for r in regions}) == 2
+
+
+def test_boxes_below_the_control_threshold_are_dropped() -> None:
+    config = SEED_CONFIG.replace('model_score_threshold="0.25"', 'model_score_threshold="0.6"')
+    plan = plan_for_config(config, CLASSES, 0.25)
+    assert plan.min_threshold == 0.6
+    regions, score = plan.format({"image": _detections(("concave", 0.59, 0, 0, 10, 10), ("dentado", 0.8, 0, 0, 5, 5))})
+    assert [r.value.rectanglelabels for r in regions] == [["dentado"]]
+    assert score == pytest.approx(0.8)
+
+
+def test_no_regions_score_zero() -> None:
+    regions, score = plan_for_config(SEED_CONFIG, CLASSES, 0.25).format({"image": _detections()})
+    assert regions == [] and score == 0.0
+
+
+def test_label_map_prefers_predicted_values_then_exact_then_case_insensitive(caplog: pytest.LogCaptureFixture) -> None:
+    labels = {
+        "Dent": {"value": "Dent", "predicted_values": "dentado"},
+        "concave": {"value": "concave"},
+        "CONCAVE": {"value": "CONCAVE"},
+        "Perforation": {"value": "Perforation"},
+    }
+    with caplog.at_level(logging.WARNING):
+        label_map = build_label_map("label", labels, ("dentado", "concave", "perforation", "scratch"))
+    assert label_map == {"dentado": "Dent", "concave": "concave", "perforation": "Perforation"}
+    unmapped = [r.getMessage() for r in caplog.records]
+    assert len(unmapped) == 1 and "'scratch'" in unmapped[0]
+
+
+def test_predicted_values_naming_no_class_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        label_map = build_label_map("label", {"Dent": {"predicted_values": "dent, dentado"}}, ("dentado",))
+    assert label_map == {"dentado": "Dent"}
+    assert ["'dent'" in r.getMessage() for r in caplog.records] == [True]
+
+
+def test_each_unmapped_class_is_logged_once_per_config(caplog: pytest.LogCaptureFixture) -> None:
+    config = SEED_CONFIG.replace('<Label value="perforation" background="#FFC069"/>', "")
+    classes = (*CLASSES[:2], "perforation")
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            plan_for_config(config + " ", classes, 0.25)
+    assert sum("'perforation'" in r.getMessage() for r in caplog.records) == 1
+    regions, _ = plan_for_config(config + " ", classes, 0.25).format(
+        {"image": _detections(("perforation", 0.9, 0, 0, 10, 10), ("dentado", 0.9, 0, 0, 10, 10))}
+    )
+    assert [r.value.rectanglelabels for r in regions] == [["dentado"]]
+
+
+def test_every_rectangle_image_pair_is_planned() -> None:
+    config = """
+    <View>
+      <Image name="front" value="$front"/>
+      <Image name="back" value="$back"/>
+      <RectangleLabels name="defects" toName="front,back"><Label value="dentado"/></RectangleLabels>
+      <RectangleLabels name="holes" toName="back" model_score_threshold="0.4">
+        <Label value="Perforation"/>
+      </RectangleLabels>
+      <RectangleLabels name="ignored" toName="front" model_skip="true"><Label value="concave"/></RectangleLabels>
+      <Choices name="quality" toName="front"><Choice value="ok"/></Choices>
+    </View>
+    """
+    plan = plan_for_config(config, CLASSES, 0.25)
+    pairs = [(c.from_name, c.to_name, c.value_key, c.score_threshold) for c in plan.controls]
+    assert pairs == [
+        ("defects", "front", "front", 0.25),
+        ("defects", "back", "back", 0.25),
+        ("holes", "back", "back", 0.4),
+    ]
+    assert plan.value_keys == ("front", "back")
+    regions, _ = plan.format(
+        {
+            "front": _detections(("dentado", 0.9, 0, 0, 10, 10)),
+            "back": _detections(("perforation", 0.5, 0, 0, 10, 10), ("dentado", 0.3, 0, 0, 10, 10)),
+        }
+    )
+    assert [(r.from_name, r.to_name, r.value.rectanglelabels[0]) for r in regions] == [
+        ("defects", "front", "dentado"),
+        ("defects", "back", "dentado"),
+        ("holes", "back", "Perforation"),
+    ]
+
+
+def test_config_without_rectangles_is_a_clear_config_error() -> None:
+    config = (
+        '<View><Image name="image" value="$image"/>'
+        '<Choices name="c" toName="image"><Choice value="a"/></Choices></View>'
+    )
+    with pytest.raises(ConfigError, match=r"nothing to pre-label.*RectangleLabels -> Image.*Choices 'c' -> image"):
+        plan_for_config(config, CLASSES, 0.25)
+
+
+def test_config_whose_labels_match_no_class_names_both_sets() -> None:
+    config = SEED_CONFIG.replace('"dentado"', '"cat"').replace('"concave"', '"dog"').replace('"perforation"', '"bird"')
+    with pytest.raises(ConfigError) as info:
+        plan_for_config(config, CLASSES, 0.25)
+    message = str(info.value)
+    assert "dentado, concave, perforation" in message and "bird, cat, dog" in message
+    assert "predicted_values" in message
+
+
+@pytest.mark.parametrize("config", ["", "<View><Image", "not xml"])
+def test_unparsable_config_is_a_config_error(config: str) -> None:
+    with pytest.raises(ConfigError, match="cannot be parsed"):
+        plan_for_config(config, CLASSES, 0.25)
+
+
+def test_bad_threshold_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="model_score_threshold='high'"):
+        plan_for_config(SEED_CONFIG.replace('"0.25"', '"high"'), CLASSES, 0.25)
