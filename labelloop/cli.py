@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from labelloop import stack
+from labelloop import bench, stack
 from labelloop.errors import LabelloopError
 from labelloop.settings import load_settings, reference_markdown
 from ls_bridge import cli as bridge_cli
@@ -55,6 +55,7 @@ def config(
         typer.echo(f"{name}: {value}")
 
 
-for group in (serving_cli.app, trainer_cli.app, bridge_cli.app, stack.app):
+for group in (serving_cli.app, trainer_cli.app, bridge_cli.app, stack.app, bench.app):
     for command in group.registered_commands:
         app.registered_commands.append(command)
+app.add_typer(trainer_cli.group, name="trainer", help="Long-running trainer service.")

@@ -286,8 +286,11 @@ def _run_text(report: RunReport) -> str:
     d = report.decision
     rules = d.rules
     served_name = f"served v{report.served_version}" if report.served_version is not None else "served (none)"
+    if report.served_version is not None and not report.served_live:
+        served_name += " (Triton down)"
+    where = "dry run: nothing kept" if report.dry_run else str(report.dataset.root)
     lines = [
-        f"dataset {report.dataset.hash[:12]} ({report.dataset.root}); held-out images: "
+        f"dataset {report.dataset.hash[:12]} ({where}); held-out images: "
         f"{report.dataset.splits['test'].images} (+{report.dataset.holdout_added} new)",
         summary_table(report.dataset),
         "",

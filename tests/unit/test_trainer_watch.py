@@ -1,0 +1,76 @@
+"""``trainer watch`` starts runs from the bridge's stored events: START_TRAINING, or N annotations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from labelloop.errors import LabelStudioError
+from labelloop.settings import Settings
+from ls_bridge.events import EventStore
+from trainer import pipeline
+from trainer.pipeline import RunOptions, watch
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(state_dir=tmp_path / "state", model_repository=tmp_path / "repo")
+
+
+@pytest.fixture
+def runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Projects that a training run was started for (training itself is not under test here)."""
+    started: list[int] = []
+
+    def fake_run(settings: Settings, source: Any, options: RunOptions) -> Any:
+        started.append(source.project_id)
+        return type("Report", (), {"candidate": None, "published_version": None})()
+
+    monkeypatch.setattr(pipeline, "run_training", fake_run)
+    return started
+
+
+def _event(store: EventStore, action: str, project: int = 7, task: int = 1) -> None:
+    store.append({"action": action, "project": {"id": project}, "task": {"id": task}, "annotation": {"id": task}})
+
+
+def _watch(settings: Settings, every: int = 3) -> int:
+    return watch(settings, RunOptions.from_settings(settings), every=every, once=True)
+
+
+def test_start_training_starts_a_run(settings: Settings, runs: list[int]) -> None:
+    store = EventStore.for_settings(settings)
+    _event(store, "ANNOTATION_CREATED")
+    _event(store, "START_TRAINING", project=9)
+    assert _watch(settings) == 1
+    assert runs == [9]
+    assert _watch(settings) == 0, "an event is consumed once"
+
+
+def test_n_annotations_start_a_run_and_the_count_restarts(settings: Settings, runs: list[int]) -> None:
+    store = EventStore.for_settings(settings)
+    for task in range(2):
+        _event(store, "ANNOTATION_CREATED", task=task)
+    _event(store, "ANNOTATIONS_DELETED")
+    assert _watch(settings) == 0
+    _event(store, "ANNOTATION_UPDATED")
+    assert _watch(settings) == 1 and runs == [7]
+    for task in range(2):
+        _event(store, "ANNOTATION_CREATED", task=task)
+    assert _watch(settings) == 0
+    state = json.loads((settings.state_dir / "trainer" / "watch.json").read_text())
+    assert state["after_id"] == store.last_id() and state["pending"] == {"7": 2}
+
+
+def test_a_failed_run_is_kept_for_later(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing(*_: Any) -> Any:
+        raise LabelStudioError("Label Studio is down")
+
+    monkeypatch.setattr(pipeline, "run_training", failing)
+    _event(EventStore.for_settings(settings), "START_TRAINING")
+    assert _watch(settings) == 1
+    state = json.loads((settings.state_dir / "trainer" / "watch.json").read_text())
+    assert state["requested"] == [7]

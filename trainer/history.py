@@ -1,0 +1,69 @@
+"""The trainer's history: one JSON line per run, appended after the run's decision, never rewritten.
+
+It is what the ΔmAP50 rule reads: "the served model's mAP50 at its previous evaluation". The
+seed project wrote the new evaluation first and read it back, so its Δ was always 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+__all__ = ["HOLDOUT_SET", "History"]
+
+logger = logging.getLogger(__name__)
+
+HOLDOUT_SET = "holdout"
+
+
+class History:
+    """``history.jsonl``: readable by anyone, appended by the one training run holding the lock."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """Every record, oldest first; a torn last line (a crash mid-write) is skipped."""
+        if not self.path.is_file():
+            return
+        with self.path.open(encoding="utf-8") as fh:
+            for number, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    logger.warning("%s line %d is not JSON; skipped", self.path, number)
+                    continue
+                if isinstance(record, dict):
+                    yield record
+
+    def previous_map50(self, version: int) -> float | None:
+        """mAP50 of ``version`` at its latest evaluation on the held-out set (as served, or as the candidate)."""
+        found: float | None = None
+        for record in self.records():
+            if record.get("set") != HOLDOUT_SET:
+                continue
+            served = record.get("served") or {}
+            candidate = record.get("candidate") or {}
+            if served.get("version") == version and served.get("map50") is not None:
+                found = float(served["map50"])
+            if record.get("published_version") == version and candidate.get("map50") is not None:
+                found = float(candidate["map50"])
+        return found
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Append one record (with a UTC timestamp) as a single write, then fsync."""
+        line = json.dumps({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **record}) + "\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,474 @@
+"""One training run end to end, the first model (bootstrap), and the watcher that starts runs.
+
+A run: collect verified annotations -> rebuild the dataset and extend the frozen held-out set ->
+evaluate the served version -> fine-tune from its weights -> evaluate the candidate on the same
+held-out set -> decide -> publish when the rules say so -> append the history. One run at a time
+(``<state>/trainer/train.lock``), whoever starts it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from labelloop.errors import ConfigError, LabelloopError, TrainingError
+from labelloop.settings import Settings
+from trainer.dataset import HOLDOUT_DIR, Dataset, build_dataset
+from trainer.evaluate import EvalResult, evaluate
+from trainer.history import HOLDOUT_SET, History
+from trainer.publish import ServedModel, find_served, publish_candidate
+from trainer.rules import Decision, Rules, decide
+from trainer.source import ProjectSource, Source
+from trainer.synthetic import CLASSES, write_dataset
+from trainer.train import DEFAULT_MODEL_YAML, train_detector
+
+__all__ = [
+    "BootstrapReport",
+    "RunOptions",
+    "RunReport",
+    "bootstrap",
+    "judge",
+    "run_training",
+    "trainer_dir",
+    "training_lock",
+    "watch",
+]
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = "train.lock"
+HISTORY_FILE = "history.jsonl"
+WATCH_STATE_FILE = "watch.json"
+_WATCH_RETRY_S = 300.0
+_ANNOTATION_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED"})
+_START_EVENT = "START_TRAINING"
+
+
+def trainer_dir(settings: Settings) -> Path:
+    return settings.state_dir / "trainer"
+
+
+@contextmanager
+def training_lock(folder: Path) -> Iterator[None]:
+    """Hold ``train.lock`` for one run; a second run fails at once instead of waiting."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / LOCK_FILE).open("a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            raise TrainingError(f"another training run holds {folder / LOCK_FILE} (pid {holder})") from exc
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Per-run knobs on top of settings (the CLI flags)."""
+
+    epochs: int
+    imgsz: int
+    batch: int
+    device: str
+    patience: int
+    dry_run: bool = False
+    if_needed: bool = False
+    lr0: float | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **changes: Any) -> RunOptions:
+        base = {
+            "epochs": settings.epochs,
+            "imgsz": settings.imgsz,
+            "batch": settings.batch,
+            "device": settings.device,
+            "patience": settings.patience,
+        }
+        return cls(**{**base, **{k: v for k, v in changes.items() if v is not None}})
+
+
+@dataclass
+class RunReport:
+    """Everything one run saw and did; ``to_json`` is the ``labelloop train --json`` document."""
+
+    run_id: str
+    run_dir: Path
+    dataset: Dataset
+    served_version: int | None
+    served_live: bool
+    served: EvalResult | None
+    decision: Decision
+    candidate: EvalResult | None = None
+    published_version: int | None = None
+    now_served: int | None = None
+    train_args: dict[str, Any] = field(default_factory=dict)
+    trained: bool = False
+    dry_run: bool = False
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        deployed = None if self.served is None else {"version": self.served_version, **_metrics(self.served)}
+        candidate = None if self.candidate is None else {"version": self.published_version, **_metrics(self.candidate)}
+        return {
+            "dataset": self.dataset.to_dict(),
+            "deployed": deployed,
+            "candidate": candidate,
+            "decision": self.decision.to_dict(),
+            "published_version": self.published_version,
+        }
+
+
+def _metrics(result: EvalResult) -> dict[str, Any]:
+    return {
+        "map50": result.map50,
+        "map50_95": result.map50_95,
+        "precision": result.precision,
+        "recall": result.recall,
+        "per_class_ap50": dict(result.per_class_ap50),
+    }
+
+
+def judge(
+    history: History,
+    served_version: int | None,
+    served: EvalResult | None,
+    candidate: EvalResult | None,
+    rules: Rules,
+) -> Decision:
+    """Decide from the history as it was BEFORE this run (the seed read its own new record back)."""
+    previous = history.previous_map50(served_version) if served_version is not None else None
+    return decide(candidate, served, previous, rules)
+
+
+def _record(report: RunReport, kind: str) -> dict[str, Any]:
+    served = None if report.served is None else {"version": report.served_version, **_metrics(report.served)}
+    candidate = None if report.candidate is None else _metrics(report.candidate)
+    return {
+        "kind": kind,
+        "set": HOLDOUT_SET,
+        "run_id": report.run_id,
+        "dataset_hash": report.dataset.hash,
+        "holdout_images": report.dataset.splits["test"].images,
+        "served": served,
+        "candidate": candidate,
+        "decision": report.decision.to_dict(),
+        "published_version": report.published_version,
+        "error": report.error,
+    }
+
+
+def _dry_trainer_dir(real: Path, scratch: Path) -> Path:
+    """A throw-away copy of the trainer folder's held-out set, so a dry run changes nothing."""
+    folder = scratch / "trainer"
+    folder.mkdir(parents=True)
+    if (real / HOLDOUT_DIR).is_dir():
+        shutil.copytree(real / HOLDOUT_DIR, folder / HOLDOUT_DIR)
+    return folder
+
+
+def run_training(settings: Settings, source: Source, options: RunOptions) -> RunReport:
+    """One run; see the module docstring. A failed publish is recorded, then raised."""
+    folder = trainer_dir(settings)
+    history = History(folder / HISTORY_FILE)
+    rules = Rules.from_settings(settings)
+    with training_lock(folder), tempfile.TemporaryDirectory(prefix="labelloop-train-") as scratch:
+        run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        run_dir = (Path(scratch) if options.dry_run else folder) / "runs" / run_id
+        data = source.collect(settings, Path(scratch))
+        served = find_served(settings)
+        model_classes = served.card.classes if served is not None else data.classes
+        build_in = _dry_trainer_dir(folder, Path(scratch)) if options.dry_run else folder
+        dataset = build_dataset(data.images, model_classes, build_in)
+        logger.info("%s -> dataset %s", data.description, dataset.hash[:12])
+
+        served_eval = _evaluate_served(served, dataset, run_dir, options)
+        served_version = served.version if served is not None else None
+        report = RunReport(
+            run_id=run_id,
+            run_dir=run_dir,
+            dataset=dataset,
+            served_version=served_version,
+            served_live=served.live if served is not None else False,
+            served=served_eval,
+            decision=judge(history, served_version, served_eval, None, rules),
+            now_served=served_version,
+            dry_run=options.dry_run,
+        )
+        if options.dry_run:
+            logger.info("dry run: no training, nothing published, no history written")
+            return report
+        if options.if_needed and not report.decision.retrain_needed:
+            logger.info("the served model meets the rules; not training")
+            history.append(_record(report, "evaluate"))
+            return report
+
+        base = served.weights if served is not None else None
+        if served is not None and base is None:
+            logger.warning("version %d has no weights.pt; training from scratch", served.version)
+        result = train_detector(
+            dataset.data_yaml,
+            run_dir / "train",
+            base=base,
+            model_yaml=DEFAULT_MODEL_YAML,
+            epochs=options.epochs,
+            imgsz=options.imgsz,
+            batch=options.batch,
+            device=options.device,
+            patience=options.patience,
+            lr0=options.lr0,
+            overrides=options.overrides,
+        )
+        report.trained = True
+        report.train_args = {k: v for k, v in result.args.items() if k not in ("project", "name", "data")}
+        report.candidate = evaluate(
+            result.best,
+            dataset.data_yaml,
+            options.imgsz,
+            expected_classes=_held_out_classes(dataset),
+            device=options.device,
+            run_dir=run_dir / "eval-candidate",
+        )
+        report.decision = judge(history, served_version, served_eval, report.candidate, rules)
+        try:
+            if report.decision.deploy:
+                version, info = publish_candidate(
+                    settings,
+                    result.best,
+                    imgsz=options.imgsz,
+                    metrics={"set": HOLDOUT_SET, **_metrics(report.candidate)},
+                    dataset_hash=dataset.hash,
+                    parent_version=served_version,
+                    classes=list(dataset.classes),
+                    train_args=report.train_args,
+                    note=f"labelloop train {run_id} from {data.description}",
+                )
+                report.published_version = version
+                report.now_served = info.version if info is not None else served_version
+        except LabelloopError as exc:
+            report.error = str(exc)
+            raise
+        finally:
+            history.append(_record(report, "train"))
+            (run_dir / "report.json").parent.mkdir(parents=True, exist_ok=True)
+            (run_dir / "report.json").write_text(json.dumps(report.to_json(), indent=2), encoding="utf-8")
+        return report
+
+
+def _evaluate_served(
+    served: ServedModel | None, dataset: Dataset, run_dir: Path, options: RunOptions
+) -> EvalResult | None:
+    """The served version's own ONNX, at its own input size, on the held-out set."""
+    if served is None:
+        return None
+    return evaluate(
+        served.onnx,
+        dataset.data_yaml,
+        served.card.imgsz,
+        expected_classes=_held_out_classes(dataset),
+        device=options.device,
+        run_dir=run_dir / "eval-served",
+    )
+
+
+def _held_out_classes(dataset: Dataset) -> list[str]:
+    """Classes with at least one box in the held-out set: the ones a fair score must cover."""
+    return [name for name, boxes in dataset.splits["test"].boxes.items() if boxes > 0]
+
+
+# --- bootstrap ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BootstrapReport:
+    """The first model: where it came from, how good it is on held-out synthetic images, its version."""
+
+    version: int
+    served: bool
+    metrics: EvalResult
+    seconds: float
+    train_args: dict[str, Any]
+
+
+def bootstrap(
+    settings: Settings,
+    options: RunOptions,
+    *,
+    images: int = 240,
+    test_images: int = 60,
+    seed: int = 0,
+    force: bool = False,
+) -> BootstrapReport:
+    """Train the first detector from scratch on synthetic demo data and publish it (version 1)."""
+    from serving.repository import ModelRepository
+
+    started = time.monotonic()
+    repo = ModelRepository(settings.model_repository)
+    existing = repo.versions(settings.model_name)
+    if existing and not force:
+        raise ConfigError(
+            f"{settings.model_name} already has versions {existing} in {repo.root}; "
+            "bootstrap makes the first one (--force publishes another)"
+        )
+    folder = trainer_dir(settings) / "bootstrap"
+    with training_lock(trainer_dir(settings)):
+        data_yaml = write_dataset(folder / "data", n=images, seed=seed)
+        # held-out images come from another seed: never seen in training, same distribution
+        held_out = write_dataset(folder / "held-out", n=test_images, seed=seed + 1).parent
+        test = [str((held_out / "images" / split).resolve()) for split in ("train", "val")]
+        combined = folder / "data.yaml"
+        combined.write_text(data_yaml.read_text(encoding="utf-8") + f"test: {json.dumps(test)}\n", encoding="utf-8")
+
+        run_dir = folder / "runs" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        result = train_detector(
+            combined,
+            run_dir / "train",
+            model_yaml=DEFAULT_MODEL_YAML,
+            epochs=options.epochs,
+            imgsz=options.imgsz,
+            batch=options.batch,
+            device=options.device,
+            patience=options.patience,
+            lr0=options.lr0,
+            overrides=options.overrides,
+        )
+        metrics = evaluate(result.best, combined, options.imgsz, device=options.device, run_dir=run_dir / "eval")
+        train_args = {k: v for k, v in result.args.items() if k not in ("project", "name", "data")}
+        version, info = publish_candidate(
+            settings,
+            result.best,
+            imgsz=options.imgsz,
+            metrics={"set": "synthetic-held-out", "images": test_images, **_metrics(metrics)},
+            dataset_hash=f"synthetic:n={images},seed={seed}",
+            parent_version=None,
+            classes=list(CLASSES),
+            train_args=train_args,
+            note="labelloop bootstrap: trained from scratch on synthetic demo data",
+        )
+        History(trainer_dir(settings) / HISTORY_FILE).append(
+            {
+                "kind": "bootstrap",
+                "set": "synthetic-held-out",
+                "candidate": _metrics(metrics),
+                "published_version": version,
+            }
+        )
+    return BootstrapReport(version, info is not None, metrics, time.monotonic() - started, train_args)
+
+
+# --- watch -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _WatchState:
+    """The watcher's cursor into the bridge's event store, and what it has counted since each run."""
+
+    after_id: int = 0
+    pending: dict[int, int] = field(default_factory=dict)
+    requested: set[int] = field(default_factory=set)
+    retry_at: dict[int, float] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> _WatchState:
+        if not path.is_file():
+            return cls()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return cls(
+                after_id=int(data["after_id"]),
+                pending={int(k): int(v) for k, v in data.get("pending", {}).items()},
+                requested={int(p) for p in data.get("requested", [])},
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path} is unreadable ({exc}); delete it to start from the first event") from exc
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        data = {"after_id": self.after_id, "pending": self.pending, "requested": sorted(self.requested)}
+        tmp.write_text(json.dumps(data), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def _due(state: _WatchState, every: int, now: float) -> list[int]:
+    """Projects to train now: a START_TRAINING, or ``every`` annotation events since their last run."""
+    wanted = state.requested | {p for p, n in state.pending.items() if n >= every}
+    return sorted(p for p in wanted if state.retry_at.get(p, 0.0) <= now)
+
+
+def watch(
+    settings: Settings,
+    options: RunOptions,
+    *,
+    every: int,
+    poll_s: float = 5.0,
+    project: int | None = None,
+    once: bool = False,
+    stop: threading.Event | None = None,
+) -> int:
+    """Follow the bridge's event store and run training when due; returns the number of runs started.
+
+    ``project`` is used for events that name none. Runs happen here, in this process, never in
+    the bridge; the training lock keeps them one at a time with ``labelloop train``.
+    """
+    from ls_bridge.events import ANNOTATION_ACTIONS, EventStore
+
+    stop = stop or threading.Event()
+    folder = trainer_dir(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    state_path = folder / WATCH_STATE_FILE
+    state = _WatchState.load(state_path)
+    store = EventStore.for_settings(settings)
+    runs = 0
+    logger.info("watching %s from event %d (train after %d annotations)", store.path, state.after_id, every)
+    while True:
+        for event in store.since(state.after_id, actions=ANNOTATION_ACTIONS):
+            state.after_id = event.id
+            target = event.project_id if event.project_id is not None else project
+            if target is None:
+                logger.warning("event %d (%s) names no project; pass --project", event.id, event.action)
+            elif event.action == _START_EVENT:
+                state.requested.add(target)
+            elif event.action in _ANNOTATION_EVENTS:
+                state.pending[target] = state.pending.get(target, 0) + 1
+        state.save(state_path)
+        for target in _due(state, every, time.monotonic()):
+            runs += 1
+            try:
+                report = run_training(settings, ProjectSource(target), options)
+            except LabelloopError as exc:
+                logger.error("training project %d failed (retry in %.0fs): %s", target, _WATCH_RETRY_S, exc)
+                state.retry_at[target] = time.monotonic() + _WATCH_RETRY_S
+                continue
+            state.requested.discard(target)
+            state.pending.pop(target, None)
+            state.retry_at.pop(target, None)
+            state.save(state_path)
+            logger.info(
+                "project %d: candidate mAP50 %s, published %s",
+                target,
+                f"{report.candidate.map50:.4f}" if report.candidate else "-",
+                report.published_version,
+            )
+        if once or stop.wait(poll_s):
+            return runs

@@ -1,0 +1,127 @@
+"""The promotion rules, as pure functions: when to re-train, and when a candidate may be served.
+
+- Re-train when the served model's mAP50 is below ``retrain_below_map50`` (0.60), or when it
+  moved by less than ``retrain_delta_map50`` (-0.03) since its previous evaluation.
+- Deploy when the candidate's mAP50 beats the served one's by more than ``deploy_margin_map50``
+  (0.02). With nothing served, any candidate is deployed.
+
+Differences are rounded to 1e-9 before comparing, so a value exactly on a threshold is decided by
+the rule as written (strict ``<`` / ``>``), not by float noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from labelloop.settings import Settings
+from trainer.evaluate import EvalResult
+
+__all__ = ["Decision", "Rules", "decide"]
+
+_NDIGITS = 9
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The thresholds behind a decision (from settings; the seed project's values by default)."""
+
+    retrain_below_map50: float = 0.60
+    retrain_delta_map50: float = -0.03
+    deploy_margin_map50: float = 0.02
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Rules:
+        return cls(
+            retrain_below_map50=settings.retrain_below_map50,
+            retrain_delta_map50=settings.retrain_delta_map50,
+            deploy_margin_map50=settings.deploy_margin_map50,
+        )
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the rules say, and every number they looked at."""
+
+    retrain_needed: bool
+    deploy: bool
+    reasons: tuple[str, ...]
+    rules: Rules
+    served_map50: float | None = None
+    previous_served_map50: float | None = None
+    delta_map50: float | None = None
+    candidate_map50: float | None = None
+    margin_map50: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["reasons"] = list(self.reasons)
+        return data
+
+
+def _diff(a: float, b: float) -> float:
+    return round(a - b, _NDIGITS)
+
+
+def decide(
+    candidate: EvalResult | None,
+    incumbent: EvalResult | None,
+    previous_incumbent_map50: float | None,
+    rules: Rules,
+) -> Decision:
+    """Apply the rules; ``previous_incumbent_map50`` must be read from history BEFORE this run is appended."""
+    reasons: list[str] = []
+    retrain = False
+    deploy = False
+    delta: float | None = None
+    margin: float | None = None
+
+    if incumbent is None:
+        retrain = True
+        reasons.append("no served model: training is needed")
+    else:
+        if _diff(incumbent.map50, rules.retrain_below_map50) < 0:
+            retrain = True
+            reasons.append(f"served mAP50 {incumbent.map50:.4f} < {rules.retrain_below_map50:.4f}: re-train")
+        else:
+            reasons.append(f"served mAP50 {incumbent.map50:.4f} >= {rules.retrain_below_map50:.4f}")
+        if previous_incumbent_map50 is None:
+            reasons.append("no previous evaluation of the served model: no ΔmAP50 yet")
+        else:
+            delta = _diff(incumbent.map50, previous_incumbent_map50)
+            if _diff(delta, rules.retrain_delta_map50) < 0:
+                retrain = True
+                reasons.append(f"served ΔmAP50 {delta:+.4f} < {rules.retrain_delta_map50:+.4f}: re-train")
+            else:
+                reasons.append(f"served ΔmAP50 {delta:+.4f} >= {rules.retrain_delta_map50:+.4f}")
+
+    if candidate is None:
+        reasons.append("no candidate: nothing to deploy")
+    elif incumbent is None:
+        deploy = True
+        reasons.append(f"candidate mAP50 {candidate.map50:.4f} and nothing served: deploy")
+    else:
+        margin = _diff(candidate.map50, incumbent.map50)
+        if _diff(margin, rules.deploy_margin_map50) > 0:
+            deploy = True
+            reasons.append(
+                f"candidate mAP50 {candidate.map50:.4f} > served {incumbent.map50:.4f} "
+                f"+ {rules.deploy_margin_map50:.4f}: deploy"
+            )
+        else:
+            reasons.append(
+                f"candidate mAP50 {candidate.map50:.4f} <= served {incumbent.map50:.4f} "
+                f"+ {rules.deploy_margin_map50:.4f}: keep the served model"
+            )
+
+    return Decision(
+        retrain_needed=retrain,
+        deploy=deploy,
+        reasons=tuple(reasons),
+        rules=rules,
+        served_map50=incumbent.map50 if incumbent is not None else None,
+        previous_served_map50=previous_incumbent_map50,
+        delta_map50=delta,
+        candidate_map50=candidate.map50 if candidate is not None else None,
+        margin_map50=margin,
+    )
