@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from labelloop import bench, stack
+from labelloop.console import fail
 from labelloop.errors import LabelloopError
 from labelloop.settings import load_settings, reference_markdown
 from ls_bridge import cli as bridge_cli
@@ -48,8 +49,7 @@ def config(
     try:
         settings = load_settings()
     except LabelloopError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=1) from exc
+        raise fail(exc) from exc
     # SecretStr fields dump as "**********": tokens never reach the terminal.
     for name, value in settings.model_dump(mode="json").items():
         typer.echo(f"{name}: {value}")

@@ -21,6 +21,7 @@ from typing import Annotated, Any
 import httpx
 import typer
 
+from labelloop.console import fail
 from labelloop.daemons import Daemon
 from labelloop.errors import ConfigError, LabelloopError, LabelStudioError, TritonUnavailableError
 from labelloop.settings import Settings, load_settings
@@ -282,8 +283,7 @@ def up(
             finally:
                 admin.close()
     except LabelloopError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=1) from exc
+        raise fail(exc) from exc
     paths.stack_file.parent.mkdir(parents=True, exist_ok=True)
     paths.stack_file.write_text(
         json.dumps(

@@ -10,11 +10,11 @@ from typing import Annotated
 import typer
 import uvicorn
 
+from labelloop.console import fail
 from labelloop.errors import ConfigError, LabelloopError
 from labelloop.settings import load_settings
 from ls_bridge.app import create_app
 from ls_bridge.prelabel import prelabel_project
-from serving.cli import fail
 from serving.launcher import port_in_use
 
 __all__ = ["app"]

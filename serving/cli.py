@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from labelloop.console import fail
 from labelloop.errors import LabelloopError, RepositoryError
 from labelloop.settings import Settings, load_settings
 from serving.client import DetectorClient, ImageDetections, ModelInfo
@@ -30,12 +31,6 @@ app = typer.Typer(no_args_is_help=True)
 TritonUrl = Annotated[str | None, typer.Option("--triton-url", help="Triton gRPC host:port.")]
 ModelName = Annotated[str | None, typer.Option("--model", help="Detector name in the repository.")]
 RepoOpt = Annotated[Path | None, typer.Option("--model-repository", help="Model repository folder.")]
-
-
-def fail(exc: LabelloopError) -> typer.Exit:
-    """One line on stderr and exit code 1: how every command reports an expected failure."""
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(code=1)
 
 
 @app.command()

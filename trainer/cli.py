@@ -18,9 +18,9 @@ from typing import Annotated, Any
 
 import typer
 
+from labelloop.console import fail
 from labelloop.errors import ConfigError, LabelloopError
 from labelloop.settings import Settings, load_settings
-from serving.cli import fail
 from trainer.dataset import summary_table
 from trainer.evaluate import EvalResult
 from trainer.pipeline import RunOptions, RunReport, bootstrap, run_training, watch
