@@ -195,7 +195,7 @@ def test_label_studio_connects_only_with_the_right_basic_auth(
     api.retrieve_predictions(project)
     assert _assert_predictions_equal_detect(api.tasks(project), detected) == 3
 
-    # Label Studio's auto-created webhook carries no credentials; the header added to it (docs/bridge.md) does.
+    # Label Studio's auto-created webhook carries no credentials; the header added to it (README, Basic auth) does.
     store = EventStore.for_settings(settings)
     (webhook,) = api.webhooks(project)
     task = api.tasks(project)[0]["id"]
