@@ -1,0 +1,552 @@
+"""``labelloop bench``: the serving path against the raw compute and the seed's approach, in one run.
+
+The same images go through the same model version four ways, measured in rounds whose blocks
+run in a fresh shuffled order each round, so background load and warm caches hit every method alike:
+
+(a) raw      ``onnxruntime.InferenceSession.run`` on a preprocessed 1x3xSxS float32 tensor (the
+             compute floor: decode, letterbox and NMS are done outside the timer);
+(b) triton   ``DetectorClient.detect(jpeg bytes)``: one gRPC request on a kept-alive channel,
+             decode + letterbox + onnxruntime + NMS inside Triton, boxes back;
+(c) bridge   ``POST /predict`` with Label Studio-shaped tasks whose images come from a loopback
+             HTTP server: fetch, Triton, Label Studio regions, JSON;
+(d) seed     ``YOLO(weights.pt).predict`` in-process, one image at a time (the model loaded once).
+
+Ratios and their definitions live in :mod:`labelloop.bench_report`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import re
+import signal
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import numpy as np
+import typer
+from tqdm import tqdm
+
+from labelloop.bench_rig import (
+    BenchImage,
+    BridgeProcess,
+    ImageServer,
+    MemorySampler,
+    free_port,
+    label_config,
+    machine_info,
+    private_repository,
+    render_images,
+)
+from labelloop.errors import ConfigError, InferenceError, LabelloopError
+from labelloop.settings import Settings, load_settings
+from serving.cli import fail
+from serving.client import DetectorClient, ModelInfo
+from serving.control import load_served_version
+from serving.launcher import TritonProcess
+from serving.repository import ModelRepository
+
+__all__ = ["FULL", "QUICK", "BenchPlan", "app", "run_bench"]
+
+logger = logging.getLogger(__name__)
+app = typer.Typer(no_args_is_help=True)
+
+TRITON_CONCURRENCY = (1, 2, 4, 8)
+BRIDGE_TASKS = (1, 8, 64)
+# A pause before each block, so spinning thread pools of the previous method go idle first.
+SETTLE_S = 0.05
+BRIDGE_START_S = 120.0
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)$")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    """How much to measure: images, rounds, and images per throughput block."""
+
+    images: int
+    rounds: int
+    block_images: int
+    seed: int = 2024
+
+
+QUICK = BenchPlan(images=16, rounds=3, block_images=64)
+FULL = BenchPlan(images=32, rounds=8, block_images=128)
+
+
+@dataclass
+class Tally:
+    """Everything measured, in seconds, before it becomes a report."""
+
+    latency: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    boxes: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+    # (method, load) -> [images, seconds]
+    work: dict[tuple[str, str], list[float]] = field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0]))
+    stages: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    # bridge /metrics deltas over single-task requests: stage -> [seconds, images]
+    bridge_stages: dict[str, list[float]] = field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0]))
+    # Triton /metrics deltas per load: counter -> value
+    triton: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(float)))
+    json_s_per_task: list[float] = field(default_factory=list)
+
+
+def _parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """Prometheus text exposition -> (name, labels, value) samples."""
+    samples = []
+    for line in text.splitlines():
+        match = _SAMPLE.match(line.strip())
+        if match is None or line.startswith("#"):
+            continue
+        name, labels, value = match.groups()
+        samples.append((name, dict(_LABEL.findall(labels or "")), float(value)))
+    return samples
+
+
+def _metric(samples: list[tuple[str, dict[str, str], float]], name: str, **labels: str) -> float:
+    return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items()))
+
+
+_TRITON_COUNTERS = (
+    "nv_inference_request_success",
+    "nv_inference_count",
+    "nv_inference_exec_count",
+    "nv_inference_queue_duration_us",
+    "nv_inference_compute_infer_duration_us",
+)
+
+
+class Harness:
+    """The four methods and the blocks that time them; one instance per bench run."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        plan: BenchPlan,
+        images: list[BenchImage],
+        urls: list[str],
+        info: ModelInfo,
+        bridge_url: str,
+        triton_metrics_url: str,
+        onnx_path: Path,
+        weights_path: Path,
+    ) -> None:
+        from serving.triton.detector_ops import decode_image, letterbox, postprocess
+
+        self.settings = settings
+        self.plan = plan
+        self.images = images
+        self.urls = urls
+        self.info = info
+        self.imgsz = int(info.imgsz[0])
+        self.config = label_config(info.classes)
+        self.bridge_url = bridge_url
+        self.triton_metrics_url = triton_metrics_url
+        self.tally = Tally()
+        self._decode, self._letterbox, self._postprocess = decode_image, letterbox, postprocess
+        self.session, self.input_name = _raw_session(onnx_path)
+        self.seed_model = _seed_model(weights_path)
+        self.tensors = [self._tensor(image.data)[0] for image in images]
+        self.boxes_lb = [self._tensor(image.data)[1] for image in images]
+        self.raw_out = [self._raw(x)[0] for x in self.tensors]
+        batch = settings.max_batch_size
+        cycled = [self.tensors[k % len(self.tensors)] for k in range(batch)]
+        self.raw_batch = np.concatenate(cycled)
+        self._task_ids = iter(range(1, 10**9))
+
+    def _tensor(self, data: bytes) -> tuple[np.ndarray, Any]:
+        """Decode, letterbox and scale to NCHW float32, exactly as the Triton model does."""
+        img = self._decode(data, self.settings.max_image_bytes, self.settings.max_image_pixels)
+        padded, box = self._letterbox(img, (self.imgsz, self.imgsz))
+        return padded[None].transpose(0, 3, 1, 2).astype(np.float32) / 255.0, box
+
+    def _raw(self, x: np.ndarray) -> np.ndarray:
+        out: np.ndarray = self.session.run(None, {self.input_name: x})[0]
+        return out
+
+    def _seed(self, data: bytes) -> int:
+        import io
+
+        from PIL import Image
+
+        result = self.seed_model.predict(
+            Image.open(io.BytesIO(data)),
+            imgsz=self.imgsz,
+            conf=self.settings.conf,
+            iou=self.settings.iou,
+            device="cpu",
+            verbose=False,
+        )[0]
+        return len(result.boxes)
+
+    def payload(self, indices: list[int]) -> dict[str, Any]:
+        """A Label Studio /predict body: one task per image index."""
+        tasks = [{"id": next(self._task_ids), "data": {"image": self.urls[k]}} for k in indices]
+        return {"tasks": tasks, "label_config": self.config, "project": "1.1700000000"}
+
+    # -- blocks -----------------------------------------------------------------------------
+
+    def blocks(self, detector: DetectorClient, http: httpx.AsyncClient) -> dict[str, Callable[[], Awaitable[None]]]:
+        """Every block of one round, by name; each times itself."""
+        blocks: dict[str, Callable[[], Awaitable[None]]] = {
+            "latency raw": self._latency_raw,
+            "latency seed": self._latency_seed,
+            "latency triton": lambda: self._latency_triton(detector),
+            "latency bridge": lambda: self._latency_bridge(http),
+            "stages": self._stage_ops,
+            f"raw batch {self.settings.max_batch_size}": self._raw_batches,
+        }
+        for c in TRITON_CONCURRENCY[1:]:
+            blocks[f"triton concurrency {c}"] = lambda c=c: self._triton_concurrent(detector, c)  # type: ignore[misc]
+        for n in BRIDGE_TASKS[1:]:
+            blocks[f"bridge {n} tasks"] = lambda n=n: self._bridge_batches(http, n)  # type: ignore[misc]
+        return blocks
+
+    def _order(self, round_no: int) -> list[int]:
+        order = list(range(len(self.images)))
+        random.Random(self.plan.seed + round_no).shuffle(order)
+        return order
+
+    async def _latency_raw(self) -> None:
+        started = time.perf_counter()
+        for k in range(len(self.images)):
+            t0 = time.perf_counter()
+            self._raw(self.tensors[k])
+            self.tally.latency["raw"].append(time.perf_counter() - t0)
+        self._count(("raw", "batch 1"), len(self.images), started)
+
+    async def _latency_seed(self) -> None:
+        started = time.perf_counter()
+        for image in self.images:
+            t0 = time.perf_counter()
+            boxes = self._seed(image.data)
+            self.tally.latency["seed"].append(time.perf_counter() - t0)
+            self.tally.boxes["seed"].append(boxes)
+        self._count(("seed", "1 image at a time"), len(self.images), started)
+
+    async def _latency_triton(self, detector: DetectorClient) -> None:
+        async with self._triton_window("triton concurrency 1"):
+            started = time.perf_counter()
+            for image in self.images:
+                t0 = time.perf_counter()
+                found = await detector.detect(image.data)
+                self.tally.latency["triton"].append(time.perf_counter() - t0)
+                self.tally.boxes["triton"].append(len(found.detections))
+            self._count(("triton", "concurrency 1"), len(self.images), started)
+
+    async def _latency_bridge(self, http: httpx.AsyncClient) -> None:
+        before = _parse_metrics((await http.get("/metrics")).text)
+        async with self._triton_window("bridge 1 task"):
+            started = time.perf_counter()
+            for k in range(len(self.images)):
+                t0 = time.perf_counter()
+                results = await self._predict(http, [k])
+                self.tally.latency["bridge"].append(time.perf_counter() - t0)
+                self.tally.boxes["bridge"].append(len(results[0]["result"]))
+            self._count(("bridge", "1 task/request"), len(self.images), started)
+        after = _parse_metrics((await http.get("/metrics")).text)
+        for stage in ("fetch", "infer", "format"):
+            for i, suffix in enumerate(("_sum", "_count")):
+                name = "labelloop_bridge_stage_seconds" + suffix
+                delta = _metric(after, name, stage=stage) - _metric(before, name, stage=stage)
+                self.tally.bridge_stages[stage][i] += delta
+
+    async def _stage_ops(self) -> None:
+        """Decode, preprocess and NMS with the Triton model's own functions, on the same images."""
+        s = self.settings
+        for k, image in enumerate(self.images):
+            t0 = time.perf_counter()
+            img = self._decode(image.data, s.max_image_bytes, s.max_image_pixels)
+            t1 = time.perf_counter()
+            padded, box = self._letterbox(img, (self.imgsz, self.imgsz))
+            np.stack([padded]).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+            t2 = time.perf_counter()
+            dets = self._postprocess(self.raw_out[k], box, s.conf, s.iou)
+            t3 = time.perf_counter()
+            self.tally.stages["decode"].append(t1 - t0)
+            self.tally.stages["preprocess"].append(t2 - t1)
+            self.tally.stages["nms"].append(t3 - t2)
+            self.tally.boxes["raw"].append(len(dets))
+
+    async def _raw_batches(self) -> None:
+        batch = self.settings.max_batch_size
+        runs = max(1, self.plan.block_images // batch)
+        started = time.perf_counter()
+        for _ in range(runs):
+            self._raw(self.raw_batch)
+        self._count(("raw", f"batch {batch}"), runs * batch, started)
+
+    async def _triton_concurrent(self, detector: DetectorClient, concurrency: int) -> None:
+        slots = asyncio.Semaphore(concurrency)
+        n = self.plan.block_images
+
+        async def one(k: int) -> None:
+            async with slots:
+                await detector.detect(self.images[k % len(self.images)].data)
+
+        async with self._triton_window(f"triton concurrency {concurrency}"):
+            started = time.perf_counter()
+            await asyncio.gather(*(one(k) for k in range(n)))
+            self._count(("triton", f"concurrency {concurrency}"), n, started)
+
+    async def _bridge_batches(self, http: httpx.AsyncClient, tasks: int) -> None:
+        requests = max(1, self.plan.block_images // tasks)
+        async with self._triton_window(f"bridge {tasks} tasks"):
+            started = time.perf_counter()
+            body: list[dict[str, Any]] = []
+            for r in range(requests):
+                body = await self._predict(http, [(r * tasks + k) % len(self.images) for k in range(tasks)])
+            self._count(("bridge", f"{tasks} tasks/request"), requests * tasks, started)
+        self._time_json(body)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _count(self, key: tuple[str, str], images: int, started: float) -> None:
+        work = self.tally.work[key]
+        work[0] += images
+        work[1] += time.perf_counter() - started
+
+    async def _predict(self, http: httpx.AsyncClient, indices: list[int]) -> list[dict[str, Any]]:
+        response = await http.post("/predict", json=self.payload(indices))
+        if response.status_code != 200:
+            raise InferenceError(f"bridge /predict answered {response.status_code}: {response.text[:200]}")
+        results: list[dict[str, Any]] = response.json()["results"]
+        if len(results) != len(indices):
+            raise InferenceError(f"bridge answered {len(results)} predictions for {len(indices)} tasks")
+        return results
+
+    def _time_json(self, results: list[dict[str, Any]]) -> None:
+        """The bridge's response serialisation (pydantic dump + json.dumps, as FastAPI does), per task."""
+        from ls_bridge.schemas import PredictResponse
+
+        response = PredictResponse.model_validate({"results": results})
+        t0 = time.perf_counter()
+        json.dumps(response.model_dump(mode="json"))
+        self.tally.json_s_per_task.append((time.perf_counter() - t0) / max(1, len(results)))
+
+    def _triton_window(self, load: str) -> _TritonWindow:
+        return _TritonWindow(self.triton_metrics_url, self.info, self.tally.triton[load])
+
+    async def warm_up(self, detector: DetectorClient, http: httpx.AsyncClient) -> None:
+        """First runs allocate and optimise; none of them is counted."""
+        for image in self.images[:2]:
+            self._seed(image.data)
+            await detector.detect(image.data)
+        self._raw(self.raw_batch)
+        await asyncio.gather(*(detector.detect(i.data) for i in self.images[:8]))
+        await self._predict(http, list(range(min(8, len(self.images)))))
+        await self._predict(http, [0])
+
+
+class _TritonWindow:
+    """Adds the change of Triton's own counters during a block to ``into``."""
+
+    def __init__(self, url: str, info: ModelInfo, into: dict[str, float]) -> None:
+        self.url = url
+        self.labels = {"model": info.name, "version": str(info.version)}
+        self.into = into
+        self._before: list[tuple[str, dict[str, str], float]] = []
+
+    async def _scrape(self) -> list[tuple[str, dict[str, str], float]]:
+        async with httpx.AsyncClient(timeout=5.0, trust_env=False) as client:
+            try:
+                return _parse_metrics((await client.get(self.url)).text)
+            except httpx.HTTPError as exc:
+                logger.debug("Triton metrics unavailable: %s", exc)
+                return []
+
+    async def __aenter__(self) -> _TritonWindow:
+        self._before = await self._scrape()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        after = await self._scrape()
+        for name in _TRITON_COUNTERS:
+            self.into[name] += _metric(after, name, **self.labels) - _metric(self._before, name, **self.labels)
+
+
+def _raw_session(onnx_path: Path) -> tuple[Any, str]:
+    """Method (a): one session as the Triton model builds it with all cores (ort_threads=0)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count() or 1
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    return session, session.get_inputs()[0].name
+
+
+def _seed_model(weights: Path) -> Any:
+    """Method (d): the seed's ultralytics model, loaded once (the seed reloaded it per request)."""
+    try:
+        from ultralytics import YOLO
+    except ImportError as exc:
+        raise ConfigError("the seed comparison needs ultralytics: pip install 'labelloop[train]'") from exc
+    return YOLO(str(weights), task="detect")
+
+
+async def _measure(harness: Harness, detector: DetectorClient, bridge_url: str, bar: tqdm) -> None:
+    async with httpx.AsyncClient(base_url=bridge_url, timeout=300.0, trust_env=False) as http:
+        bar.set_postfix_str("warm-up")
+        await harness.warm_up(detector, http)
+        bar.update()
+        blocks = harness.blocks(detector, http)
+        bar.total = bar.n + harness.plan.rounds * len(blocks)
+        bar.refresh()
+        for round_no in range(harness.plan.rounds):
+            names = list(blocks)
+            random.Random(harness.plan.seed * 1000 + round_no).shuffle(names)
+            for name in names:
+                bar.set_postfix_str(f"round {round_no + 1}: {name}")
+                await asyncio.sleep(SETTLE_S)
+                await blocks[name]()
+                bar.update()
+        failed = _metric(
+            _parse_metrics((await http.get("/metrics")).text), "labelloop_bridge_tasks_total", outcome="failed"
+        )
+        if failed:
+            raise InferenceError(f"the bridge failed {failed:.0f} bench tasks; see its log")
+
+
+async def _load(url: str, repo: ModelRepository, model_name: str, timeout_s: float) -> ModelInfo:
+    async with DetectorClient(url, model_name, timeout_s=timeout_s) as client:
+        return await load_served_version(client, repo)
+
+
+def run_bench(settings: Settings, plan: BenchPlan) -> dict[str, Any]:
+    """Start Triton, the bridge and an image server, measure, stop them all; the report as a dict."""
+    from labelloop.bench_report import build_report
+
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    setup_steps = 6  # images, tritonserver, bridge, raw + seed, sampler, warm-up; the rounds follow
+    with (
+        tempfile.TemporaryDirectory(prefix="labelloop-bench-") as tmp,
+        ExitStack() as stack,
+        tqdm(total=setup_steps, desc="bench", unit="step", file=sys.stderr) as bar,
+    ):
+        root = Path(tmp)
+        bar.set_postfix_str("images")
+        repo, version = private_repository(settings, root / "model_repository")
+        images = render_images(plan.images, plan.seed)
+        server = stack.enter_context(ImageServer(images))
+        bar.update()
+
+        bar.set_postfix_str("tritonserver")
+        triton = TritonProcess(
+            repo.root,
+            root / "triton",
+            grpc_port=free_port(),
+            http_port=free_port(),
+            metrics_port=free_port(),
+            log_file=settings.log_dir / "bench-triton.log",
+        )
+        stack.callback(triton.stop)
+        triton.start()
+        triton.wait_live(settings.triton_start_timeout_s)
+        info = asyncio.run(_load(triton.grpc_url, repo, settings.model_name, settings.triton_timeout_s))
+        bar.update()
+
+        bar.set_postfix_str("bridge")
+        bridge = stack.enter_context(
+            BridgeProcess(
+                free_port(),
+                triton.grpc_url,
+                settings.model_name,
+                root / "bridge",
+                settings.log_dir / "bench-bridge.log",
+            )
+        )
+        bridge.start()
+        bridge.wait_ready(BRIDGE_START_S)
+        bar.update()
+
+        bar.set_postfix_str("raw session, seed model")
+        name = settings.model_name
+        weights = repo.weights_path(name, version)
+        assert weights is not None  # private_repository checked it
+        harness = Harness(
+            settings,
+            plan,
+            images,
+            [server.url(image.name) for image in images],
+            info,
+            bridge.url,
+            f"http://127.0.0.1:{triton.ports['metrics']}/metrics",
+            repo.onnx_path(name, version),
+            weights,
+        )
+        bar.update()
+        assert bridge.pid is not None and triton.pid is not None
+        memory = stack.enter_context(MemorySampler({"bridge": bridge.pid, "triton": triton.pid}))
+        bar.update()
+
+        async def measure() -> None:
+            concurrency = max(TRITON_CONCURRENCY[-1], settings.triton_concurrency)
+            async with DetectorClient(
+                triton.grpc_url, name, timeout_s=settings.triton_timeout_s, concurrency=concurrency, retries=0
+            ) as detector:
+                await _measure(harness, detector, bridge.url, bar)
+
+        asyncio.run(measure())
+    return build_report(
+        harness=harness,
+        memory=memory,
+        machine=machine_info() | {"load_average_before": load_before, "load_average_after": os.getloadavg()},
+        version=version,
+        duration_s=time.perf_counter() - started,
+    )
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@app.command()
+def bench(
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Fewer images and rounds (under 3 minutes on 2 cores).")
+    ] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full report as JSON here.")] = None,
+    png_out: Annotated[Path | None, typer.Option("--png", help="Write the chart (PNG) here.")] = None,
+    markdown_out: Annotated[Path | None, typer.Option("--markdown", help="Write the markdown tables here.")] = None,
+    model_repository: Annotated[
+        Path | None, typer.Option("--model-repository", help="Model repository whose newest version is measured.")
+    ] = None,
+    images: Annotated[int | None, typer.Option(hidden=True, min=1, help="Bench images (tests).")] = None,
+    rounds: Annotated[int | None, typer.Option(hidden=True, min=1, help="Rounds (tests).")] = None,
+) -> None:
+    """Time raw onnxruntime, Triton, the bridge and the seed's ultralytics on the same images; print ratios."""
+    from labelloop.bench_report import render_markdown, write_png
+
+    plan = QUICK if quick else FULL
+    plan = BenchPlan(
+        images=images or plan.images, rounds=rounds or plan.rounds, block_images=plan.block_images, seed=plan.seed
+    )
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        settings = load_settings(model_repository=model_repository)
+        report = run_bench(settings, plan)
+    except LabelloopError as exc:
+        raise fail(exc) from exc
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    markdown = render_markdown(report)
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
+    if markdown_out is not None:
+        markdown_out.write_text(markdown)
+    if png_out is not None:
+        write_png(report, png_out)
+    typer.echo(markdown)

@@ -1,0 +1,327 @@
+"""The bench's report: one JSON-ready dict, its markdown tables and its chart.
+
+Ratios are taken within one run (the machines are noisy, ratios travel better than times):
+
+``triton_vs_raw_p50``         p50 single-image latency of (b) Triton ÷ p50 of (a) raw ``session.run``.
+``bridge_vs_raw_throughput``  images/s of (c) the bridge at 64 tasks per request ÷ the best images/s
+                              of (a) raw onnxruntime (batch 1 or batch ``max_batch_size``).
+``bridge_vs_seed_throughput`` images/s of (c) at 64 tasks per request ÷ images/s of (d) the seed.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from labelloop.bench import Harness
+    from labelloop.bench_rig import MemorySampler
+
+__all__ = ["METHODS", "RATIO_DEFINITIONS", "TARGETS", "build_report", "render_markdown", "write_png"]
+
+METHODS: dict[str, str] = {
+    "raw": "(a) onnxruntime InferenceSession.run on one preprocessed 1x3xSxS float32 tensor, in the bench process: "
+    "the served ONNX, ORT_ENABLE_ALL, all cores; decode, letterbox and NMS are outside the timer",
+    "triton": "(b) DetectorClient.detect(JPEG bytes) over gRPC on a kept-alive channel: decode, EXIF, letterbox, "
+    "onnxruntime and NMS inside Triton's python model; boxes in original pixels back",
+    "bridge": "(c) POST /predict to the bridge process with one Label Studio task per image (http image URL on a "
+    "loopback server): fetch, Triton, Label Studio regions, JSON; timed until the parsed response",
+    "seed": "(d) ultralytics YOLO(weights.pt).predict(PIL image from the bytes) in-process, one image at a time, "
+    "the model loaded once (the seed reloaded it per request: not charged here)",
+}
+
+RATIO_DEFINITIONS: dict[str, str] = {
+    "triton_vs_raw_p50": "p50 latency of (b) Triton, one image per request ÷ p50 latency of (a) raw session.run "
+    "on one preprocessed image",
+    "bridge_vs_raw_throughput": "images/s of (c) the bridge, 64 tasks per /predict request, one request at a time "
+    "÷ best images/s of (a) raw session.run (batch 1 or batch max_batch_size)",
+    "bridge_vs_seed_throughput": "images/s of (c) the bridge, 64 tasks per /predict request ÷ images/s of (d) the "
+    "seed's ultralytics predict, one image at a time",
+    "triton_vs_raw_throughput": "best images/s of (b) Triton (concurrency 1-8) ÷ best images/s of (a) raw",
+    "bridge_vs_raw_p50": "p50 latency of (c) the bridge with a 1-task request ÷ p50 latency of (a)",
+    "seed_vs_raw_p50": "p50 latency of (d) the seed ÷ p50 latency of (a)",
+}
+
+# name -> (comparison, bound); bridge_peak_rss_mb is not a ratio but is a target of the issue.
+TARGETS: dict[str, tuple[str, float]] = {
+    "triton_vs_raw_p50": ("<=", 1.3),
+    "bridge_vs_raw_throughput": (">=", 0.85),
+    "bridge_vs_seed_throughput": (">=", 2.0),
+    "bridge_peak_rss_mb": ("<", 300.0),
+}
+
+_STAGE_SOURCES: list[tuple[str, str, str]] = [
+    ("fetch", "bridge", "bridge /metrics (stage=fetch), 1-task requests"),
+    ("decode", "Triton model", "detector_ops.decode_image on the bench images, bench process"),
+    ("preprocess", "Triton model", "detector_ops.letterbox + NCHW float32 / 255, bench process"),
+    ("infer", "Triton model", "(a) raw session.run, batch 1"),
+    ("nms", "Triton model", "detector_ops.postprocess (NMS + un-letterbox) on (a)'s outputs, bench process"),
+    ("triton round trip", "bridge -> Triton", "bridge /metrics (stage=infer): gRPC + queue + all of the above"),
+    ("transport", "gRPC + python backend", "triton round trip - (decode + preprocess + infer + nms), derived"),
+    ("format", "bridge", "bridge /metrics (stage=format): detections to Label Studio regions"),
+    ("json", "bridge", "PredictResponse model_dump + json.dumps of a real response, per task, bench process"),
+]
+
+
+def _ms(samples: list[float]) -> dict[str, float]:
+    arr = np.asarray(samples) * 1e3
+    return {
+        "p50": round(float(np.percentile(arr, 50)), 3),
+        "p95": round(float(np.percentile(arr, 95)), 3),
+        "p99": round(float(np.percentile(arr, 99)), 3),
+        "mean": round(float(arr.mean()), 3),
+        "n": len(samples),
+    }
+
+
+def _stages(harness: Harness, latency: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    tally = harness.tally
+    mean = {name: statistics.fmean(values) * 1e3 for name, values in tally.stages.items()}
+    for stage, (seconds, count) in tally.bridge_stages.items():
+        key = "triton round trip" if stage == "infer" else stage
+        mean[key] = seconds / count * 1e3 if count else float("nan")
+    mean["infer"] = latency["raw"]["mean"]
+    mean["json"] = statistics.fmean(tally.json_s_per_task) * 1e3 if tally.json_s_per_task else float("nan")
+    inside = sum(mean[k] for k in ("decode", "preprocess", "infer", "nms"))
+    mean["transport"] = mean["triton round trip"] - inside
+    return [
+        {"stage": stage, "ms": round(mean[stage], 3), "runs_in": where, "measured": how}
+        for stage, where, how in _STAGE_SOURCES
+    ]
+
+
+def _batching(harness: Harness) -> dict[str, dict[str, float]]:
+    rows = {}
+    for load, c in harness.tally.triton.items():
+        requests = c["nv_inference_request_success"]
+        if not requests or not c["nv_inference_exec_count"]:
+            continue
+        rows[load] = {
+            "requests": requests,
+            "mean_batch": round(c["nv_inference_count"] / c["nv_inference_exec_count"], 2),
+            "queue_ms": round(c["nv_inference_queue_duration_us"] / requests / 1e3, 3),
+            "execute_ms": round(c["nv_inference_compute_infer_duration_us"] / requests / 1e3, 3),
+        }
+    return rows
+
+
+def _load_order(load: str) -> int:
+    """'batch 8', 'concurrency 2', '64 tasks/request' sort by their number."""
+    match = re.search(r"\d+", load)
+    return int(match.group()) if match else 0
+
+
+def _check(value: float, comparison: str, bound: float) -> bool:
+    return {"<=": value <= bound, ">=": value >= bound, "<": value < bound}[comparison]
+
+
+def build_report(
+    harness: Harness, memory: MemorySampler, machine: dict[str, Any], version: int, duration_s: float
+) -> dict[str, Any]:
+    """Everything the bench measured, JSON-ready, with the ratios and whether the targets hold."""
+    tally, settings, info = harness.tally, harness.settings, harness.info
+    latency = {m: _ms(tally.latency[m]) for m in METHODS}
+    throughput: dict[str, dict[str, float]] = {m: {} for m in METHODS}
+    for (method, load), (images, seconds) in sorted(tally.work.items(), key=lambda item: _load_order(item[0][1])):
+        throughput[method][load] = round(images / seconds, 2)
+    best_raw = max(throughput["raw"].values())
+    bridge_bulk = throughput["bridge"]["64 tasks/request"]
+    seed = throughput["seed"]["1 image at a time"]
+    ratios = {
+        "triton_vs_raw_p50": latency["triton"]["p50"] / latency["raw"]["p50"],
+        "bridge_vs_raw_throughput": bridge_bulk / best_raw,
+        "bridge_vs_seed_throughput": bridge_bulk / seed,
+        "triton_vs_raw_throughput": max(throughput["triton"].values()) / best_raw,
+        "bridge_vs_raw_p50": latency["bridge"]["p50"] / latency["raw"]["p50"],
+        "seed_vs_raw_p50": latency["seed"]["p50"] / latency["raw"]["p50"],
+    }
+    ratios = {k: round(v, 3) for k, v in ratios.items()}
+    peak = {
+        "bridge": round(memory.peak_mb["bridge"], 1),
+        "triton": round(memory.peak_mb["triton"], 1),
+        "triton_processes": memory.processes["triton"],
+    }
+    checked = {**ratios, "bridge_peak_rss_mb": peak["bridge"]}
+    targets = {
+        name: {"value": checked[name], "target": f"{cmp} {bound:g}", "met": _check(checked[name], cmp, bound)}
+        for name, (cmp, bound) in TARGETS.items()
+    }
+    sides = [(i.width, i.height) for i in harness.images]
+    return {
+        "machine": machine,
+        "setup": {
+            "model": info.name,
+            "version": version,
+            "imgsz": harness.imgsz,
+            "classes": info.classes,
+            "provider": info.provider,
+            "images": len(harness.images),
+            "image_format": "JPEG quality 90, synthetic (trainer.synthetic)",
+            "image_pixels": f"{min(w * h for w, h in sides)}-{max(w * h for w, h in sides)}",
+            "image_kb_median": round(statistics.median(len(i.data) for i in harness.images) / 1024, 1),
+            "rounds": harness.plan.rounds,
+            "images_per_throughput_block": harness.plan.block_images,
+            "settings": {
+                "instance_count": settings.instance_count,
+                "ort_threads": settings.ort_threads,
+                "max_batch_size": settings.max_batch_size,
+                "batch_delay_us": settings.batch_delay_us,
+                "triton_concurrency": settings.triton_concurrency,
+                "fetch_concurrency": settings.fetch_concurrency,
+                "conf": settings.conf,
+                "iou": settings.iou,
+            },
+        },
+        "methods": METHODS,
+        "latency_ms": latency,
+        "boxes_per_image": {m: round(statistics.fmean(tally.boxes[m]), 2) for m in METHODS if tally.boxes[m]},
+        "throughput_images_per_s": throughput,
+        "peak_rss_mb": peak,
+        "stages_ms": _stages(harness, latency),
+        "triton_batching": _batching(harness),
+        "ratios": ratios,
+        "ratio_definitions": RATIO_DEFINITIONS,
+        "targets": targets,
+        "all_targets_met": all(t["met"] for t in targets.values()),
+        "duration_s": round(duration_s, 1),
+    }
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.2f}" if value < 100 else f"{value:.0f}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report as markdown tables (what the README's Performance section pastes)."""
+    m, s = report["machine"], report["setup"]
+    cfg = s["settings"]
+    lines = [
+        f"Machine: {m['cpu_model']}, {m['cores_physical']} cores ({m['cores_logical']} logical), "
+        f"{m['memory_gib']} GiB, no GPU; load average {m['load_average_before'][0]:.2f} before, "
+        f"{m['load_average_after'][0]:.2f} after (1 min).",
+        f"Model: {s['model']} v{s['version']}, imgsz {s['imgsz']}, {len(s['classes'])} classes, {s['provider']}; "
+        f"{s['images']} JPEG images ({s['image_pixels']} pixels, median {s['image_kb_median']} KB), "
+        f"{s['rounds']} rounds, {report['duration_s']:.0f} s.",
+        f"Serving: {cfg['instance_count']} instance(s) x {cfg['ort_threads'] or 'all'} onnxruntime thread(s), "
+        f"max batch {cfg['max_batch_size']}, batch delay {cfg['batch_delay_us']} us; bridge fetch concurrency "
+        f"{cfg['fetch_concurrency']}, Triton concurrency {cfg['triton_concurrency']}.",
+        "",
+    ]
+    names = {"raw": "(a) raw onnxruntime", "triton": "(b) Triton gRPC", "bridge": "(c) bridge /predict"}
+    names["seed"] = "(d) seed ultralytics"
+    boxes = report["boxes_per_image"]
+    lines += _table(
+        ["single image", "p50 ms", "p95 ms", "p99 ms", "boxes/image"],
+        [
+            [names[k], _fmt(v["p50"]), _fmt(v["p95"]), _fmt(v["p99"]), boxes.get(k, "")]
+            for k, v in report["latency_ms"].items()
+        ],
+    )
+    lines += _table(
+        ["throughput", "load", "images/s"],
+        [
+            [names[k], load, _fmt(ips)]
+            for k, loads in report["throughput_images_per_s"].items()
+            for load, ips in loads.items()
+        ],
+    )
+    lines += _table(
+        ["stage (mean per image)", "ms", "runs in", "measured by"],
+        [[r["stage"], _fmt(r["ms"]), r["runs_in"], r["measured"]] for r in report["stages_ms"]],
+    )
+    batching = report["triton_batching"]
+    if batching:
+        lines += _table(
+            ["Triton under", "requests", "mean batch", "queue ms", "execute ms"],
+            [[k, f"{v['requests']:.0f}", v["mean_batch"], v["queue_ms"], v["execute_ms"]] for k, v in batching.items()],
+        )
+    peak = report["peak_rss_mb"]
+    lines += _table(
+        ["process", "peak RSS MB"],
+        [["bridge", peak["bridge"]], [f"Triton ({peak['triton_processes']} processes, summed)", peak["triton"]]],
+    )
+    targets = report["targets"]
+    lines += _table(
+        ["ratio", "value", "target", "met"],
+        [
+            [name, value, targets[name]["target"] if name in targets else "", _met(targets, name)]
+            for name, value in [*report["ratios"].items(), ("bridge_peak_rss_mb", peak["bridge"])]
+        ],
+    )
+    return "\n".join(lines)
+
+
+def _met(targets: dict[str, Any], name: str) -> str:
+    if name not in targets:
+        return ""
+    return "yes" if targets[name]["met"] else "**no**"
+
+
+def write_png(report: dict[str, Any], path: Path) -> None:
+    """Latency, throughput, stages and ratios in one figure (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    lat = report["latency_ms"]
+    methods = list(lat)
+    p50 = [lat[k]["p50"] for k in methods]
+    p95 = [lat[k]["p95"] for k in methods]
+    ax = axes[0][0]
+    ax.bar(methods, p50, label="p50")
+    ax.scatter(methods, p95, color="black", marker="_", s=400, label="p95", zorder=3)
+    ax.set_ylabel("ms per image")
+    ax.set_title("Single-image latency")
+    ax.legend()
+
+    ax = axes[0][1]
+    labels, values = [], []
+    for method, loads in report["throughput_images_per_s"].items():
+        for load, ips in loads.items():
+            labels.append(f"{method}\n{load}")
+            values.append(ips)
+    ax.barh(labels, values)
+    ax.invert_yaxis()
+    ax.set_xlabel("images/s")
+    ax.set_title("Throughput")
+    ax.tick_params(axis="y", labelsize=7)
+
+    ax = axes[1][0]
+    stages = [r for r in report["stages_ms"] if np.isfinite(r["ms"])]
+    ax.barh([r["stage"] for r in stages], [r["ms"] for r in stages])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per image (mean)")
+    ax.set_title("Where the time goes")
+
+    ax = axes[1][1]
+    targets = report["targets"]
+    names = [n for n in targets if n in report["ratios"]]
+    values = [report["ratios"][n] for n in names]
+    colours = ["tab:green" if targets[n]["met"] else "tab:red" for n in names]
+    ax.bar(names, values, color=colours)
+    for i, name in enumerate(names):
+        bound = float(targets[name]["target"].split()[-1])
+        ax.hlines(bound, i - 0.4, i + 0.4, colors="black", linestyles="dashed")
+    ax.set_title("Ratios (dashed: target)")
+    ax.tick_params(axis="x", labelsize=8)
+
+    m = report["machine"]
+    fig.suptitle(
+        f"labelloop bench: {report['setup']['model']} v{report['setup']['version']}, imgsz "
+        f"{report['setup']['imgsz']}, {m['cpu_model']} ({m['cores_logical']} cores)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,314 @@
+"""What ``labelloop bench`` runs against: its images, an image server, the bridge process, memory sampling.
+
+Everything here binds to 127.0.0.1 and is stopped by its owner (context managers), also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import http.server
+import io
+import logging
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psutil
+
+from labelloop.errors import ConfigError, RepositoryError, TritonUnavailableError
+from labelloop.settings import Settings
+from serving.publish import detector_config
+from serving.repository import ModelRepository
+
+__all__ = [
+    "BenchImage",
+    "BridgeProcess",
+    "ImageServer",
+    "MemorySampler",
+    "free_port",
+    "label_config",
+    "machine_info",
+    "private_repository",
+    "render_images",
+]
+
+logger = logging.getLogger(__name__)
+
+JPEG_QUALITY = 90
+_BRIDGE_STOP_S = 15.0
+_POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class BenchImage:
+    """One encoded bench image and where the image server serves it."""
+
+    name: str
+    data: bytes
+    width: int
+    height: int
+
+
+def render_images(n: int, seed: int) -> list[BenchImage]:
+    """Seeded synthetic inspection images (224-640 px a side, the default model's domain), as JPEG."""
+    from trainer.synthetic import render_sample
+
+    rng = np.random.default_rng(seed)
+    images = []
+    for k in range(n):
+        image = render_sample(rng).image
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=JPEG_QUALITY)
+        images.append(BenchImage(f"img{k:03d}.jpg", buf.getvalue(), image.width, image.height))
+    return images
+
+
+def label_config(classes: list[str]) -> str:
+    """A Label Studio config with one rectangle label per served class."""
+    labels = "".join(f'<Label value="{name}"/>' for name in classes)
+    return (
+        '<View><Image name="image" value="$image"/>'
+        f'<RectangleLabels name="label" toName="image">{labels}</RectangleLabels></View>'
+    )
+
+
+def private_repository(settings: Settings, dest: Path) -> tuple[ModelRepository, int]:
+    """A copy of the served (newest) version under the Triton config the settings render.
+
+    The user's repository is never touched, and the tuning settings (instances, threads,
+    batching) apply without publishing a version.
+    """
+    source = ModelRepository(settings.model_repository)
+    name = settings.model_name
+    version = source.latest(name)
+    if version is None:
+        raise RepositoryError(
+            f"model {name!r} has no versions in {source.root}: run `labelloop bootstrap` or `labelloop export`"
+        )
+    if source.weights_path(name, version) is None:
+        raise RepositoryError(f"{name} version {version} has no weights.pt: the seed comparison needs the .pt")
+    repo = ModelRepository(dest)
+    repo.write_config(detector_config(settings))
+    shutil.copytree(source.version_dir(name, version), repo.version_dir(name, version))
+    return repo, version
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine the figures belong to."""
+    return {
+        "cpu_model": _cpu_model(),
+        "cores_physical": psutil.cpu_count(logical=False),
+        "cores_logical": psutil.cpu_count(logical=True),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "gpu": "none used",
+    }
+
+
+class _ImageHandler(http.server.BaseHTTPRequestHandler):
+    """GET /<name> from memory, HTTP/1.1 keep-alive so the bridge reuses its connections."""
+
+    protocol_version = "HTTP/1.1"
+    server: ImageServer
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        data = self.server.files.get(self.path.lstrip("/").split("?", 1)[0])
+        if data is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet: one line per image would swamp the bench's output."""
+
+
+class ImageServer(http.server.ThreadingHTTPServer):
+    """The bench images over loopback HTTP, as Label Studio (or any http host) would serve them."""
+
+    daemon_threads = True
+
+    def __init__(self, images: list[BenchImage]) -> None:
+        self.files = {image.name: image.data for image in images}
+        super().__init__(("127.0.0.1", 0), _ImageHandler)
+        self._thread = threading.Thread(target=self.serve_forever, name="bench-images", daemon=True)
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/{name}"
+
+    def __enter__(self) -> ImageServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+        self.server_close()
+        self._thread.join(timeout=10)
+
+
+class BridgeProcess:
+    """``python -m labelloop bridge`` in its own process, so its memory is its own."""
+
+    def __init__(self, port: int, triton_url: str, model_name: str, state_dir: Path, log_file: Path) -> None:
+        self.port = port
+        self.triton_url = triton_url
+        self.model_name = model_name
+        self.state_dir = state_dir
+        self.log_file = log_file
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def _environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "LABELLOOP_ALLOWED_HOSTS": "127.0.0.1",
+                "LABELLOOP_STATE_DIR": str(self.state_dir),
+                # The bench talks to the bridge without credentials.
+                "LABELLOOP_BASIC_AUTH_USER": "",
+                "LABELLOOP_BASIC_AUTH_PASS": "",
+            }
+        )
+        return env
+
+    def start(self) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "labelloop",
+            "--log-level",
+            "WARNING",
+            "bridge",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--triton-url",
+            self.triton_url,
+            "--model",
+            self.model_name,
+        ]
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("ab") as log:
+            self._proc = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=self._environment(), start_new_session=True
+            )
+        logger.info("bridge pid %d on %s, log %s", self._proc.pid, self.url, self.log_file)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Wait until /health says UP (Triton answered a real inference through the bridge)."""
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(base_url=self.url, timeout=2.0, trust_env=False) as client:
+            while time.monotonic() < deadline:
+                if self._proc is None or self._proc.poll() is not None:
+                    raise ConfigError(f"the bridge exited during start-up; see {self.log_file}")
+                try:
+                    if client.get("/health").status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                time.sleep(_POLL_S)
+        raise TritonUnavailableError(f"the bridge was not UP after {timeout_s:.0f}s; see {self.log_file}")
+
+    def stop(self) -> None:
+        """SIGTERM (uvicorn shuts down gracefully), then SIGKILL; idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=_BRIDGE_STOP_S)
+        except subprocess.TimeoutExpired:
+            logger.warning("the bridge did not stop in %.0fs; killing it", _BRIDGE_STOP_S)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def __enter__(self) -> BridgeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class MemorySampler:
+    """Samples resident memory of process groups in a thread; keeps each group's peak (MB).
+
+    A group is a process and all its descendants (tritonserver and its python stubs), summed:
+    shared pages count once per process, so the figure is an upper bound.
+    """
+
+    def __init__(self, pids: dict[str, int], interval_s: float = 0.1) -> None:
+        self._roots = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.peak_mb = dict.fromkeys(pids, 0.0)
+        self.processes = dict.fromkeys(pids, 0)
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-rss", daemon=True)
+
+    def _sample(self) -> None:
+        for name, root in self._roots.items():
+            try:
+                group = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            total = 0
+            for proc in group:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    continue
+            self.peak_mb[name] = max(self.peak_mb[name], total / 2**20)
+            self.processes[name] = max(self.processes[name], len(group))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self._sample()
+
+    def __enter__(self) -> MemorySampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sample()
