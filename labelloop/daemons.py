@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-__all__ = ["Daemon", "DaemonRecord"]
+__all__ = ["Daemon", "DaemonRecord", "stop_group"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,3 +129,16 @@ def _reap_group(pgid: int, grace_s: float = 5.0) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def stop_group(proc: subprocess.Popen[bytes], name: str, timeout_s: float) -> None:
+    """SIGTERM the group a child leads (``start_new_session=True``), SIGKILL it after ``timeout_s``."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        logger.warning("%s did not stop in %.0fs; killing it", name, timeout_s)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

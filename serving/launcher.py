@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 
+from labelloop.daemons import stop_group
 from labelloop.errors import ConfigError, TritonUnavailableError
 
 __all__ = ["TritonInstall", "TritonProcess", "find_triton", "port_in_use"]
@@ -179,11 +179,5 @@ class TritonProcess:
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            logger.warning("tritonserver did not stop in %.0fs; killing it", timeout_s)
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, "tritonserver", timeout_s)
         logger.info("tritonserver stopped")

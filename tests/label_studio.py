@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import subprocess
 import time
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ from typing import Any
 
 import httpx
 
+from labelloop.daemons import stop_group
 from labelloop.studio import Credentials, label_studio_command, label_studio_environment
 
 __all__ = ["LABEL_STUDIO_BIN", "LabelStudioAPI", "LabelStudioServer"]
@@ -237,14 +237,8 @@ class LabelStudioServer:
             api.close()
         self._apis.clear()
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc is not None:
+            stop_group(proc, "Label Studio", timeout_s)
 
     def api(self, authorization: str | None = None) -> LabelStudioAPI:
         """A client; by default with the admin's legacy token (``Token <key>``)."""

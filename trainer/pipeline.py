@@ -97,6 +97,18 @@ class RunOptions:
     lr0: float | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
 
+    def train_kwargs(self) -> dict[str, Any]:
+        """The knobs ``train_detector`` takes."""
+        return {
+            "epochs": self.epochs,
+            "imgsz": self.imgsz,
+            "batch": self.batch,
+            "device": self.device,
+            "patience": self.patience,
+            "lr0": self.lr0,
+            "overrides": self.overrides,
+        }
+
     @classmethod
     def from_settings(cls, settings: Settings, **changes: Any) -> RunOptions:
         base = {
@@ -232,13 +244,7 @@ def run_training(settings: Settings, source: Source, options: RunOptions) -> Run
             run_dir / "train",
             base=base,
             model_yaml=DEFAULT_MODEL_YAML,
-            epochs=options.epochs,
-            imgsz=options.imgsz,
-            batch=options.batch,
-            device=options.device,
-            patience=options.patience,
-            lr0=options.lr0,
-            overrides=options.overrides,
+            **options.train_kwargs(),
         )
         report.trained = True
         report.train_args = {k: v for k, v in result.args.items() if k not in ("project", "name", "data")}
@@ -345,13 +351,7 @@ def bootstrap(
             combined,
             run_dir / "train",
             model_yaml=DEFAULT_MODEL_YAML,
-            epochs=options.epochs,
-            imgsz=options.imgsz,
-            batch=options.batch,
-            device=options.device,
-            patience=options.patience,
-            lr0=options.lr0,
-            overrides=options.overrides,
+            **options.train_kwargs(),
         )
         metrics = evaluate(result.best, combined, options.imgsz, device=options.device, run_dir=run_dir / "eval")
         train_args = {k: v for k, v in result.args.items() if k not in ("project", "name", "data")}
