@@ -42,7 +42,7 @@ from labelloop.bench_rig import (
     BenchImage,
     BridgeProcess,
     ImageServer,
-    MemorySampler,
+    ProcessMonitor,
     free_port,
     label_config,
     machine_info,
@@ -99,6 +99,9 @@ class Tally:
     # Triton /metrics deltas per load: counter -> value
     triton: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(float)))
     json_s_per_task: list[float] = field(default_factory=list)
+    # CPU seconds per load and process role, and the images they were spent on
+    cpu: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(float)))
+    cpu_images: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
 def _parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
@@ -153,6 +156,7 @@ class Harness:
         self.bridge_url = bridge_url
         self.triton_metrics_url = triton_metrics_url
         self.tally = Tally()
+        self.monitor: ProcessMonitor | None = None
         self._decode, self._letterbox, self._postprocess = decode_image, letterbox, postprocess
         self.session, self.input_name = _raw_session(onnx_path)
         self.seed_model = _seed_model(weights_path)
@@ -235,7 +239,7 @@ class Harness:
         self._count(("seed", "1 image at a time"), len(self.images), started)
 
     async def _latency_triton(self, detector: DetectorClient) -> None:
-        async with self._triton_window("triton concurrency 1"):
+        async with self._window("triton concurrency 1", len(self.images)):
             started = time.perf_counter()
             for image in self.images:
                 t0 = time.perf_counter()
@@ -246,7 +250,7 @@ class Harness:
 
     async def _latency_bridge(self, http: httpx.AsyncClient) -> None:
         before = _parse_metrics((await http.get("/metrics")).text)
-        async with self._triton_window("bridge 1 task"):
+        async with self._window("bridge 1 task/request", len(self.images)):
             started = time.perf_counter()
             for k in range(len(self.images)):
                 t0 = time.perf_counter()
@@ -294,14 +298,14 @@ class Harness:
             async with slots:
                 await detector.detect(self.images[k % len(self.images)].data)
 
-        async with self._triton_window(f"triton concurrency {concurrency}"):
+        async with self._window(f"triton concurrency {concurrency}", n):
             started = time.perf_counter()
             await asyncio.gather(*(one(k) for k in range(n)))
             self._count(("triton", f"concurrency {concurrency}"), n, started)
 
     async def _bridge_batches(self, http: httpx.AsyncClient, tasks: int) -> None:
         requests = max(1, self.plan.block_images // tasks)
-        async with self._triton_window(f"bridge {tasks} tasks"):
+        async with self._window(f"bridge {tasks} tasks/request", requests * tasks):
             started = time.perf_counter()
             body: list[dict[str, Any]] = []
             for r in range(requests):
@@ -334,8 +338,8 @@ class Harness:
         json.dumps(response.model_dump(mode="json"))
         self.tally.json_s_per_task.append((time.perf_counter() - t0) / max(1, len(results)))
 
-    def _triton_window(self, load: str) -> _TritonWindow:
-        return _TritonWindow(self.triton_metrics_url, self.info, self.tally.triton[load])
+    def _window(self, load: str, images: int) -> _Window:
+        return _Window(self, load, images)
 
     async def warm_up(self, detector: DetectorClient, http: httpx.AsyncClient) -> None:
         """First runs allocate and optimise; none of them is counted."""
@@ -348,31 +352,44 @@ class Harness:
         await self._predict(http, [0])
 
 
-class _TritonWindow:
-    """Adds the change of Triton's own counters during a block to ``into``."""
+class _Window:
+    """Adds what Triton counted and the CPU time each process spent during a block to the tally."""
 
-    def __init__(self, url: str, info: ModelInfo, into: dict[str, float]) -> None:
-        self.url = url
-        self.labels = {"model": info.name, "version": str(info.version)}
-        self.into = into
-        self._before: list[tuple[str, dict[str, str], float]] = []
+    def __init__(self, harness: Harness, load: str, images: int) -> None:
+        self.harness = harness
+        self.load = load
+        self.images = images
+        self.labels = {"model": harness.info.name, "version": str(harness.info.version)}
+        self._metrics: list[tuple[str, dict[str, str], float]] = []
+        self._cpu: dict[str, float] = {}
 
     async def _scrape(self) -> list[tuple[str, dict[str, str], float]]:
         async with httpx.AsyncClient(timeout=5.0, trust_env=False) as client:
             try:
-                return _parse_metrics((await client.get(self.url)).text)
+                return _parse_metrics((await client.get(self.harness.triton_metrics_url)).text)
             except httpx.HTTPError as exc:
                 logger.debug("Triton metrics unavailable: %s", exc)
                 return []
 
-    async def __aenter__(self) -> _TritonWindow:
-        self._before = await self._scrape()
+    def _cpu_now(self) -> dict[str, float]:
+        monitor = self.harness.monitor
+        return monitor.cpu_seconds() if monitor is not None else {}
+
+    async def __aenter__(self) -> _Window:
+        self._metrics = await self._scrape()
+        self._cpu = self._cpu_now()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        cpu = self._cpu_now()
         after = await self._scrape()
+        tally = self.harness.tally
         for name in _TRITON_COUNTERS:
-            self.into[name] += _metric(after, name, **self.labels) - _metric(self._before, name, **self.labels)
+            delta = _metric(after, name, **self.labels) - _metric(self._metrics, name, **self.labels)
+            tally.triton[self.load][name] += delta
+        for role, seconds in cpu.items():
+            tally.cpu[self.load][role] += seconds - self._cpu.get(role, 0.0)
+        tally.cpu_images[self.load] += self.images
 
 
 def _raw_session(onnx_path: Path) -> tuple[Any, str]:
@@ -489,7 +506,8 @@ def run_bench(settings: Settings, plan: BenchPlan) -> dict[str, Any]:
         )
         bar.update()
         assert bridge.pid is not None and triton.pid is not None
-        memory = stack.enter_context(MemorySampler({"bridge": bridge.pid, "triton": triton.pid}))
+        monitor = stack.enter_context(ProcessMonitor({"bridge": bridge.pid, "tritonserver": triton.pid}))
+        harness.monitor = monitor
         bar.update()
 
         async def measure() -> None:
@@ -502,7 +520,7 @@ def run_bench(settings: Settings, plan: BenchPlan) -> dict[str, Any]:
         asyncio.run(measure())
     return build_report(
         harness=harness,
-        memory=memory,
+        monitor=monitor,
         machine=machine_info() | {"load_average_before": load_before, "load_average_after": os.getloadavg()},
         version=version,
         duration_s=time.perf_counter() - started,

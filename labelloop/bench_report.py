@@ -19,7 +19,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from labelloop.bench import Harness
-    from labelloop.bench_rig import MemorySampler
+    from labelloop.bench_rig import ProcessMonitor
 
 __all__ = ["METHODS", "RATIO_DEFINITIONS", "TARGETS", "build_report", "render_markdown", "write_png"]
 
@@ -94,19 +94,37 @@ def _stages(harness: Harness, latency: dict[str, dict[str, float]]) -> list[dict
     ]
 
 
-def _batching(harness: Harness) -> dict[str, dict[str, float]]:
+_ROLES = {
+    "bridge": "bridge",
+    "tritonserver": "tritonserver",
+    "tritonserver children": "python stubs",
+    "bench process": "bench process",
+}
+
+
+def _per_load(harness: Harness, throughput: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per Triton-bound load: wall and CPU ms per image by process, and Triton's batching and queueing."""
+    tally = harness.tally
     rows = {}
-    for load, c in harness.tally.triton.items():
-        requests = c["nv_inference_request_success"]
-        if not requests or not c["nv_inference_exec_count"]:
+    for load, images in tally.cpu_images.items():
+        method, _, rest = load.partition(" ")
+        ips = throughput.get(method, {}).get(rest)
+        if not images or not ips:
             continue
-        rows[load] = {
-            "requests": requests,
-            "mean_batch": round(c["nv_inference_count"] / c["nv_inference_exec_count"], 2),
-            "queue_ms": round(c["nv_inference_queue_duration_us"] / requests / 1e3, 3),
-            "execute_ms": round(c["nv_inference_compute_infer_duration_us"] / requests / 1e3, 3),
-        }
-    return rows
+        row: dict[str, float] = {"images_per_s": ips, "wall_ms": round(1e3 / ips, 2)}
+        cpu = tally.cpu[load]
+        for role, label in _ROLES.items():
+            if role in cpu:
+                row[f"cpu_ms_{label.replace(' ', '_')}"] = round(cpu[role] / images * 1e3, 2)
+        row["cpu_ms_total"] = round(sum(cpu.values()) / images * 1e3, 2)
+        counters = tally.triton[load]
+        requests = counters["nv_inference_request_success"]
+        if requests and counters["nv_inference_exec_count"]:
+            row["mean_batch"] = round(counters["nv_inference_count"] / counters["nv_inference_exec_count"], 2)
+            row["queue_ms"] = round(counters["nv_inference_queue_duration_us"] / requests / 1e3, 2)
+            row["execute_ms"] = round(counters["nv_inference_compute_infer_duration_us"] / requests / 1e3, 2)
+        rows[load] = row
+    return dict(sorted(rows.items(), key=lambda item: (item[0].split()[0], _load_order(item[0]))))
 
 
 def _load_order(load: str) -> int:
@@ -120,7 +138,7 @@ def _check(value: float, comparison: str, bound: float) -> bool:
 
 
 def build_report(
-    harness: Harness, memory: MemorySampler, machine: dict[str, Any], version: int, duration_s: float
+    harness: Harness, monitor: ProcessMonitor, machine: dict[str, Any], version: int, duration_s: float
 ) -> dict[str, Any]:
     """Everything the bench measured, JSON-ready, with the ratios and whether the targets hold."""
     tally, settings, info = harness.tally, harness.settings, harness.info
@@ -141,9 +159,9 @@ def build_report(
     }
     ratios = {k: round(v, 3) for k, v in ratios.items()}
     peak = {
-        "bridge": round(memory.peak_mb["bridge"], 1),
-        "triton": round(memory.peak_mb["triton"], 1),
-        "triton_processes": memory.processes["triton"],
+        "bridge": round(monitor.peak_mb["bridge"], 1),
+        "triton": round(monitor.peak_mb["tritonserver"], 1),
+        "triton_processes": monitor.processes["tritonserver"],
     }
     checked = {**ratios, "bridge_peak_rss_mb": peak["bridge"]}
     targets = {
@@ -182,7 +200,7 @@ def build_report(
         "throughput_images_per_s": throughput,
         "peak_rss_mb": peak,
         "stages_ms": _stages(harness, latency),
-        "triton_batching": _batching(harness),
+        "per_load": _per_load(harness, throughput),
         "ratios": ratios,
         "ratio_definitions": RATIO_DEFINITIONS,
         "targets": targets,
@@ -239,11 +257,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         ["stage (mean per image)", "ms", "runs in", "measured by"],
         [[r["stage"], _fmt(r["ms"]), r["runs_in"], r["measured"]] for r in report["stages_ms"]],
     )
-    batching = report["triton_batching"]
-    if batching:
+    per_load = report["per_load"]
+    if per_load:
+        columns = ["images_per_s", "wall_ms", "cpu_ms_bridge", "cpu_ms_tritonserver", "cpu_ms_python_stubs"]
+        columns += ["cpu_ms_bench_process", "cpu_ms_total", "mean_batch", "queue_ms", "execute_ms"]
         lines += _table(
-            ["Triton under", "requests", "mean batch", "queue ms", "execute ms"],
-            [[k, f"{v['requests']:.0f}", v["mean_batch"], v["queue_ms"], v["execute_ms"]] for k, v in batching.items()],
+            ["load", "images/s", "wall ms/img", "CPU ms/img: bridge", "tritonserver", "python stubs", "bench"]
+            + ["all", "Triton mean batch", "queue ms", "execute ms"],
+            [[load, *(row.get(c, "") for c in columns)] for load, row in per_load.items()],
         )
     peak = report["peak_rss_mb"]
     lines += _table(

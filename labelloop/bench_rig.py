@@ -34,7 +34,7 @@ __all__ = [
     "BenchImage",
     "BridgeProcess",
     "ImageServer",
-    "MemorySampler",
+    "ProcessMonitor",
     "free_port",
     "label_config",
     "machine_info",
@@ -269,11 +269,11 @@ class BridgeProcess:
         self.stop()
 
 
-class MemorySampler:
-    """Samples resident memory of process groups in a thread; keeps each group's peak (MB).
+class ProcessMonitor:
+    """Peak resident memory (sampled in a thread) and CPU time of the processes under test.
 
     A group is a process and all its descendants (tritonserver and its python stubs), summed:
-    shared pages count once per process, so the figure is an upper bound.
+    shared pages count once per process, so the memory figure is an upper bound.
     """
 
     def __init__(self, pids: dict[str, int], interval_s: float = 0.1) -> None:
@@ -284,12 +284,17 @@ class MemorySampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-rss", daemon=True)
 
-    def _sample(self) -> None:
+    def _groups(self) -> dict[str, list[psutil.Process]]:
+        groups = {}
         for name, root in self._roots.items():
             try:
-                group = [root, *root.children(recursive=True)]
+                groups[name] = [root, *root.children(recursive=True)]
             except psutil.Error:
                 continue
+        return groups
+
+    def _sample(self) -> None:
+        for name, group in self._groups().items():
             total = 0
             for proc in group:
                 try:
@@ -299,11 +304,29 @@ class MemorySampler:
             self.peak_mb[name] = max(self.peak_mb[name], total / 2**20)
             self.processes[name] = max(self.processes[name], len(group))
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """User + system CPU seconds so far: each group's root, its descendants, and this process."""
+        seconds: dict[str, float] = {}
+        for name, group in self._groups().items():
+            for role, procs in ((name, group[:1]), (f"{name} children", group[1:])):
+                total = 0.0
+                for proc in procs:
+                    try:
+                        times = proc.cpu_times()
+                    except psutil.Error:
+                        continue
+                    total += times.user + times.system
+                if procs:
+                    seconds[role] = total
+        own = psutil.Process().cpu_times()
+        seconds["bench process"] = own.user + own.system
+        return seconds
+
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
             self._sample()
 
-    def __enter__(self) -> MemorySampler:
+    def __enter__(self) -> ProcessMonitor:
         self._sample()
         self._thread.start()
         return self

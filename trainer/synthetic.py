@@ -130,9 +130,7 @@ def _ellipse_extent(a: float, b: float, psi: float) -> tuple[float, float]:
     return math.sqrt((a * c) ** 2 + (b * s) ** 2), math.sqrt((a * s) ** 2 + (b * c) ** 2)
 
 
-def _local(
-    cx: float, cy: float, ex: float, ey: float, h: int, w: int
-) -> tuple[slice, slice, FloatArray, FloatArray]:
+def _local(cx: float, cy: float, ex: float, ey: float, h: int, w: int) -> tuple[slice, slice, FloatArray, FloatArray]:
     """A patch around (cx, cy) clipped to the image, with coordinates relative to the centre."""
     x0, x1 = max(0, int(cx - ex) - 2), min(w, int(math.ceil(cx + ex)) + 2)
     y0, y1 = max(0, int(cy - ey) - 2), min(h, int(math.ceil(cy + ey)) + 2)
