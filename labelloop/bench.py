@@ -35,6 +35,7 @@ from typing import Annotated, Any
 
 import httpx
 import numpy as np
+import numpy.typing as npt
 import typer
 from tqdm import tqdm
 
@@ -49,15 +50,15 @@ from labelloop.bench_rig import (
     private_repository,
     render_images,
 )
+from labelloop.console import fail
 from labelloop.errors import ConfigError, InferenceError, LabelloopError
 from labelloop.settings import Settings, load_settings
-from serving.cli import fail
 from serving.client import DetectorClient, ModelInfo
 from serving.control import load_served_version
 from serving.launcher import TritonProcess
 from serving.repository import ModelRepository
 
-__all__ = ["FULL", "QUICK", "BenchPlan", "app", "run_bench"]
+__all__ = ["FULL", "QUICK", "BenchPlan", "Harness", "Tally", "app", "metric_sum", "parse_metrics", "run_bench"]
 
 logger = logging.getLogger(__name__)
 app = typer.Typer(no_args_is_help=True)
@@ -104,7 +105,11 @@ class Tally:
     cpu_images: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
-def _parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
+Sample = tuple[str, dict[str, str], float]
+Tensor = npt.NDArray[np.float32]
+
+
+def parse_metrics(text: str) -> list[Sample]:
     """Prometheus text exposition -> (name, labels, value) samples."""
     samples = []
     for line in text.splitlines():
@@ -116,7 +121,8 @@ def _parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
     return samples
 
 
-def _metric(samples: list[tuple[str, dict[str, str], float]], name: str, **labels: str) -> float:
+def metric_sum(samples: list[Sample], name: str, **labels: str) -> float:
+    """The sum of the samples called ``name`` whose labels include ``labels``."""
     return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items()))
 
 
@@ -168,14 +174,14 @@ class Harness:
         self.raw_batch = np.concatenate(cycled)
         self._task_ids = iter(range(1, 10**9))
 
-    def _tensor(self, data: bytes) -> tuple[np.ndarray, Any]:
+    def _tensor(self, data: bytes) -> tuple[Tensor, Any]:
         """Decode, letterbox and scale to NCHW float32, exactly as the Triton model does."""
         img = self._decode(data, self.settings.max_image_bytes, self.settings.max_image_pixels)
         padded, box = self._letterbox(img, (self.imgsz, self.imgsz))
         return padded[None].transpose(0, 3, 1, 2).astype(np.float32) / 255.0, box
 
-    def _raw(self, x: np.ndarray) -> np.ndarray:
-        out: np.ndarray = self.session.run(None, {self.input_name: x})[0]
+    def _raw(self, x: Tensor) -> Tensor:
+        out: Tensor = self.session.run(None, {self.input_name: x})[0]
         return out
 
     def _seed(self, data: bytes) -> int:
@@ -249,7 +255,7 @@ class Harness:
             self._count(("triton", "concurrency 1"), len(self.images), started)
 
     async def _latency_bridge(self, http: httpx.AsyncClient) -> None:
-        before = _parse_metrics((await http.get("/metrics")).text)
+        before = parse_metrics((await http.get("/metrics")).text)
         async with self._window("bridge 1 task/request", len(self.images)):
             started = time.perf_counter()
             for k in range(len(self.images)):
@@ -258,11 +264,11 @@ class Harness:
                 self.tally.latency["bridge"].append(time.perf_counter() - t0)
                 self.tally.boxes["bridge"].append(len(results[0]["result"]))
             self._count(("bridge", "1 task/request"), len(self.images), started)
-        after = _parse_metrics((await http.get("/metrics")).text)
+        after = parse_metrics((await http.get("/metrics")).text)
         for stage in ("fetch", "infer", "format"):
             for i, suffix in enumerate(("_sum", "_count")):
                 name = "labelloop_bridge_stage_seconds" + suffix
-                delta = _metric(after, name, stage=stage) - _metric(before, name, stage=stage)
+                delta = metric_sum(after, name, stage=stage) - metric_sum(before, name, stage=stage)
                 self.tally.bridge_stages[stage][i] += delta
 
     async def _stage_ops(self) -> None:
@@ -321,7 +327,10 @@ class Harness:
         work[1] += time.perf_counter() - started
 
     async def _predict(self, http: httpx.AsyncClient, indices: list[int]) -> list[dict[str, Any]]:
-        response = await http.post("/predict", json=self.payload(indices))
+        try:
+            response = await http.post("/predict", json=self.payload(indices))
+        except httpx.HTTPError as exc:
+            raise InferenceError(f"the bridge stopped answering ({type(exc).__name__}); see its log") from exc
         if response.status_code != 200:
             raise InferenceError(f"bridge /predict answered {response.status_code}: {response.text[:200]}")
         results: list[dict[str, Any]] = response.json()["results"]
@@ -360,13 +369,13 @@ class _Window:
         self.load = load
         self.images = images
         self.labels = {"model": harness.info.name, "version": str(harness.info.version)}
-        self._metrics: list[tuple[str, dict[str, str], float]] = []
+        self._metrics: list[Sample] = []
         self._cpu: dict[str, float] = {}
 
-    async def _scrape(self) -> list[tuple[str, dict[str, str], float]]:
+    async def _scrape(self) -> list[Sample]:
         async with httpx.AsyncClient(timeout=5.0, trust_env=False) as client:
             try:
-                return _parse_metrics((await client.get(self.harness.triton_metrics_url)).text)
+                return parse_metrics((await client.get(self.harness.triton_metrics_url)).text)
             except httpx.HTTPError as exc:
                 logger.debug("Triton metrics unavailable: %s", exc)
                 return []
@@ -385,7 +394,7 @@ class _Window:
         after = await self._scrape()
         tally = self.harness.tally
         for name in _TRITON_COUNTERS:
-            delta = _metric(after, name, **self.labels) - _metric(self._metrics, name, **self.labels)
+            delta = metric_sum(after, name, **self.labels) - metric_sum(self._metrics, name, **self.labels)
             tally.triton[self.load][name] += delta
         for role, seconds in cpu.items():
             tally.cpu[self.load][role] += seconds - self._cpu.get(role, 0.0)
@@ -393,14 +402,10 @@ class _Window:
 
 
 def _raw_session(onnx_path: Path) -> tuple[Any, str]:
-    """Method (a): one session as the Triton model builds it with all cores (ort_threads=0)."""
+    """Method (a): onnxruntime as anyone would call it: default session options, CPU provider."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = os.cpu_count() or 1
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     return session, session.get_inputs()[0].name
 
 
@@ -429,8 +434,8 @@ async def _measure(harness: Harness, detector: DetectorClient, bridge_url: str, 
                 await asyncio.sleep(SETTLE_S)
                 await blocks[name]()
                 bar.update()
-        failed = _metric(
-            _parse_metrics((await http.get("/metrics")).text), "labelloop_bridge_tasks_total", outcome="failed"
+        failed = metric_sum(
+            parse_metrics((await http.get("/metrics")).text), "labelloop_bridge_tasks_total", outcome="failed"
         )
         if failed:
             raise InferenceError(f"the bridge failed {failed:.0f} bench tasks; see its log")

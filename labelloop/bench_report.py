@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 __all__ = ["METHODS", "RATIO_DEFINITIONS", "TARGETS", "build_report", "render_markdown", "write_png"]
 
 METHODS: dict[str, str] = {
-    "raw": "(a) onnxruntime InferenceSession.run on one preprocessed 1x3xSxS float32 tensor, in the bench process: "
-    "the served ONNX, ORT_ENABLE_ALL, all cores; decode, letterbox and NMS are outside the timer",
+    "raw": "(a) onnxruntime InferenceSession(served ONNX, default options: all cores, ORT_ENABLE_ALL).run on one "
+    "preprocessed 1x3xSxS float32 tensor, in the bench process; decode, letterbox and NMS are outside the timer",
     "triton": "(b) DetectorClient.detect(JPEG bytes) over gRPC on a kept-alive channel: decode, EXIF, letterbox, "
     "onnxruntime and NMS inside Triton's python model; boxes in original pixels back",
     "bridge": "(c) POST /predict to the bridge process with one Label Studio task per image (http image URL on a "

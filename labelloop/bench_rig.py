@@ -11,7 +11,6 @@ import logging
 import os
 import platform
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import httpx
 import numpy as np
 import psutil
 
+from labelloop.daemons import stop_group
 from labelloop.errors import ConfigError, RepositoryError, TritonUnavailableError
 from labelloop.settings import Settings
 from serving.publish import detector_config
@@ -252,15 +252,8 @@ class BridgeProcess:
     def stop(self) -> None:
         """SIGTERM (uvicorn shuts down gracefully), then SIGKILL; idempotent."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=_BRIDGE_STOP_S)
-        except subprocess.TimeoutExpired:
-            logger.warning("the bridge did not stop in %.0fs; killing it", _BRIDGE_STOP_S)
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc is not None:
+            stop_group(proc, "the bridge", _BRIDGE_STOP_S)
 
     def __enter__(self) -> BridgeProcess:
         return self

@@ -18,8 +18,8 @@ class DetectorConfig:
 
     name: str = "defect_detector"
     max_batch_size: int = 8
-    batch_delay_us: int = 1000
-    instance_count: int = 1
+    batch_delay_us: int = 0
+    instance_count: int = 2
     kind: str = "KIND_CPU"
     intra_op_threads: int = 0
     score_threshold: float = 0.25

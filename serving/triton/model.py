@@ -12,13 +12,23 @@ One file, four roles, chosen by the config parameter ``stage``:
 Request parameters ``score_threshold`` and ``iou_threshold`` override the config defaults.
 Images from all requests of a dynamic batch run through onnxruntime together; an image that
 cannot be decoded fails only its own request.
+
+Threads on a CPU: a batch that runs while no other instance of this server executes uses
+``intra_op_threads`` (all cores: lowest latency for a lone request); while other instances execute,
+each uses one thread, so instances run side by side instead of fighting over cores (the best
+throughput). See docs/performance.md for the measurements.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -31,10 +41,51 @@ def _param(config: dict, key: str, default: str) -> str:
     return str(config.get("parameters", {}).get(key, {}).get("string_value", default))
 
 
+def _session_options(ort: Any, threads: int) -> Any:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Pool threads spin-wait for work between operators: fast, but a spin that outlasts the gap
+    # burns a core the bridge, Triton's gRPC threads or other processes need. 100 us keeps the
+    # spinning latency and the CPU time of no spinning (measured: docs/performance.md).
+    options.add_session_config_entry("session.intra_op.spin_duration_us", "100")
+    return options
+
+
 def _error(message: str) -> object:
     return pb_utils.InferenceResponse(
         output_tensors=[], error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
     )
+
+
+class _CoreGate:
+    """Whether this instance executes alone among the python models of its tritonserver.
+
+    Every stub of one server (its parent process) shares a lock file: an executing instance holds
+    it shared, so an exclusive try succeeds only when no other instance is executing.
+    """
+
+    def __init__(self) -> None:
+        path = Path(tempfile.gettempdir()) / f"labelloop-cores-{os.getppid()}.lock"
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    @contextmanager
+    def executing(self) -> Iterator[bool]:
+        """Marks this instance busy for the block; yields True when it is the only one."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            alone = True
+        except BlockingIOError:
+            alone = False
+        fcntl.flock(self._fd, fcntl.LOCK_SH)
+        try:
+            yield alone
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 class TritonPythonModel:
@@ -63,16 +114,18 @@ class TritonPythonModel:
 
         if not onnx_path.is_file():
             raise pb_utils.TritonModelException(f"{onnx_path} is missing")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(_param(config, "intra_op_threads", "0")) or os.cpu_count() or 1
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        threads = int(_param(config, "intra_op_threads", "0")) or os.cpu_count() or 1
         providers: list = ["CPUExecutionProvider"]
         if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
             device = int(args.get("model_instance_device_id", 0))
             providers = [("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"]
         try:
-            self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
+            self.session = ort.InferenceSession(str(onnx_path), _session_options(ort, threads), providers=providers)
+            # The one-thread session for batches that run beside other instances (CPU only).
+            self.lane = None
+            instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", []))
+            if threads > 1 and instances > 1 and providers == ["CPUExecutionProvider"]:
+                self.lane = ort.InferenceSession(str(onnx_path), _session_options(ort, 1), providers=providers)
             meta = parse_onnx_metadata(self.session.get_modelmeta().custom_metadata_map)
         except Exception as exc:  # noqa: BLE001 - any load failure must fail the version, with its reason
             raise pb_utils.TritonModelException(f"cannot load {onnx_path}: {exc}") from exc
@@ -81,13 +134,22 @@ class TritonPythonModel:
         model_input = self.session.get_inputs()[0]
         self.input_name = model_input.name
         self.dynamic_batch = not isinstance(model_input.shape[0], int)
+        self.gate = _CoreGate() if self.lane is not None else None
         # The first run allocates and optimises: do it before READY, not on a user's request.
-        self._infer(np.zeros((1, 3, *self.imgsz), np.float32))
+        warm = np.zeros((1, 3, *self.imgsz), np.float32)
+        self._infer(warm, alone=True)
+        self._infer(warm, alone=False)
 
-    def _infer(self, batch: np.ndarray) -> np.ndarray:
+    def _infer(self, batch: np.ndarray, alone: bool = True) -> np.ndarray:
+        session = self.session if alone or self.lane is None else self.lane
         if self.dynamic_batch:
-            return self.session.run(None, {self.input_name: batch})[0]
-        return np.concatenate([self.session.run(None, {self.input_name: b[None]})[0] for b in batch])
+            return session.run(None, {self.input_name: batch})[0]
+        return np.concatenate([session.run(None, {self.input_name: b[None]})[0] for b in batch])
+
+    def finalize(self) -> None:
+        gate = getattr(self, "gate", None)
+        if gate is not None:
+            gate.close()
 
     def execute(self, requests: list) -> list:
         if self.stage == "full":
@@ -125,6 +187,12 @@ class TritonPythonModel:
         return batch, boxes
 
     def _execute_full(self, requests: list) -> list:
+        if self.gate is None:
+            return self._execute_batch(requests, alone=True)
+        with self.gate.executing() as alone:
+            return self._execute_batch(requests, alone)
+
+    def _execute_batch(self, requests: list, alone: bool) -> list:
         prepared: list = []
         for request in requests:
             try:
@@ -132,7 +200,7 @@ class TritonPythonModel:
             except ImageRejected as exc:
                 prepared.append(exc)
         batches = [item[0] for item in prepared if not isinstance(item, Exception)]
-        raw = self._infer(np.concatenate(batches)) if batches else np.empty((0,), np.float32)
+        raw = self._infer(np.concatenate(batches), alone) if batches else np.empty((0,), np.float32)
         responses, offset = [], 0
         for request, item in zip(requests, prepared, strict=True):
             if isinstance(item, Exception):

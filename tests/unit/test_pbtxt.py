@@ -14,15 +14,17 @@ def parse(text: str) -> model_config_pb2.ModelConfig:
 
 
 def test_python_variant() -> None:
-    cfg = parse(render_python(DetectorConfig(max_batch_size=4, instance_count=2, score_threshold=0.3)))
+    cfg = parse(
+        render_python(DetectorConfig(max_batch_size=4, instance_count=3, batch_delay_us=500, score_threshold=0.3))
+    )
     assert cfg.backend == "python" and cfg.max_batch_size == 4
     assert [i.name for i in cfg.input] == ["IMAGE"]
     assert cfg.input[0].data_type == model_config_pb2.TYPE_STRING
     assert [o.name for o in cfg.output] == ["DETECTIONS", "NUM_DETECTIONS", "IMAGE_SIZE", "MODEL_INFO"]
-    assert cfg.instance_group[0].count == 2
+    assert cfg.instance_group[0].count == 3
     assert cfg.version_policy.latest.num_versions == 1
     assert cfg.parameters["score_threshold"].string_value == "0.3"
-    assert cfg.dynamic_batching.max_queue_delay_microseconds == 1000
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 500
 
 
 def test_onnxruntime_variant_has_tensorrt_fp16_on_gpu_only() -> None:

@@ -1,0 +1,128 @@
+"""The bench's pure parts: metrics parsing, ratio arithmetic, markdown and chart (no servers, no timing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from labelloop.bench import BenchPlan, Tally, metric_sum, parse_metrics
+from labelloop.bench_report import TARGETS, build_report, render_markdown, write_png
+from labelloop.bench_rig import BenchImage, label_config
+from labelloop.settings import Settings
+from ls_bridge.controls import plan_for_config
+from ls_bridge.metrics import BridgeMetrics
+
+
+def test_parse_metrics_reads_what_the_bridge_renders() -> None:
+    metrics = BridgeMetrics()
+    for seconds in (0.002, 0.004):
+        metrics.stages.observe(seconds, stage="fetch")
+    metrics.tasks.inc(outcome="failed")
+    samples = parse_metrics(metrics.render())
+    assert metric_sum(samples, "labelloop_bridge_stage_seconds_sum", stage="fetch") == pytest.approx(0.006)
+    assert metric_sum(samples, "labelloop_bridge_stage_seconds_count", stage="fetch") == 2
+    assert metric_sum(samples, "labelloop_bridge_stage_seconds_count", stage="infer") == 0
+    assert metric_sum(samples, "labelloop_bridge_tasks_total", outcome="failed") == 1
+
+
+def test_parse_metrics_sums_over_unnamed_labels() -> None:
+    text = (
+        "# HELP nv_inference_count x\n"
+        'nv_inference_count{model="d",version="1"} 10\n'
+        'nv_inference_count{model="d",version="2"} 5\n'
+        'nv_inference_count{model="other",version="1"} 100\n'
+    )
+    samples = parse_metrics(text)
+    assert metric_sum(samples, "nv_inference_count", model="d") == 15
+    assert metric_sum(samples, "nv_inference_count", model="d", version="2") == 5
+
+
+def test_label_config_has_one_label_per_class() -> None:
+    plan = plan_for_config(label_config(["a", "b c"]), ("a", "b c"), 0.25)
+    assert plan.value_keys == ("image",)
+    assert dict(plan.controls[0].label_map) == {"a": "a", "b c": "b c"}
+
+
+def _fake_run() -> tuple[Any, Any]:
+    """A harness and monitor with round numbers, so every ratio is known."""
+    tally = Tally()
+    tally.latency["raw"] = [0.010] * 10
+    tally.latency["triton"] = [0.012] * 10
+    tally.latency["bridge"] = [0.020] * 10
+    tally.latency["seed"] = [0.025] * 10
+    tally.work[("raw", "batch 1")] = [100, 1.0]
+    tally.work[("raw", "batch 8")] = [80, 0.8]
+    tally.work[("triton", "concurrency 1")] = [80, 1.0]
+    tally.work[("triton", "concurrency 8")] = [90, 1.0]
+    for tasks, ips in ((1, 50), (8, 80), (64, 90)):
+        tally.work[("bridge", f"{tasks} tasks/request" if tasks > 1 else "1 task/request")] = [ips, 1.0]
+    tally.work[("seed", "1 image at a time")] = [40, 1.0]
+    for stage in ("decode", "preprocess", "nms"):
+        tally.stages[stage] = [0.001]
+    tally.bridge_stages.update({"fetch": [0.02, 10], "infer": [0.15, 10], "format": [0.001, 10]})
+    tally.json_s_per_task = [0.0001]
+    tally.cpu["bridge 64 tasks/request"].update({"bridge": 0.18, "tritonserver": 0.01, "tritonserver children": 1.6})
+    tally.cpu_images["bridge 64 tasks/request"] = 90
+    tally.triton["bridge 64 tasks/request"].update(
+        {
+            "nv_inference_request_success": 90,
+            "nv_inference_count": 90,
+            "nv_inference_exec_count": 30,
+            "nv_inference_queue_duration_us": 90_000,
+            "nv_inference_compute_infer_duration_us": 2_700_000,
+        }
+    )
+    harness = SimpleNamespace(
+        tally=tally,
+        settings=Settings(),
+        info=SimpleNamespace(name="defect_detector", version=3, classes=["a", "b"], provider="CPUExecutionProvider"),
+        imgsz=320,
+        images=[BenchImage("img000.jpg", b"x" * 2048, 640, 480), BenchImage("img001.jpg", b"x" * 1024, 320, 320)],
+        plan=BenchPlan(images=2, rounds=1, block_images=64),
+    )
+    monitor = SimpleNamespace(peak_mb={"bridge": 180.0, "tritonserver": 260.0}, processes={"tritonserver": 2})
+    return harness, monitor
+
+
+def _report() -> dict[str, Any]:
+    harness, monitor = _fake_run()
+    machine = {
+        "cpu_model": "Test CPU",
+        "cores_physical": 2,
+        "cores_logical": 2,
+        "memory_gib": 24.0,
+        "load_average_before": (0.1, 0.1, 0.1),
+        "load_average_after": (0.2, 0.1, 0.1),
+    }
+    return build_report(harness=harness, monitor=monitor, machine=machine, version=3, duration_s=60.0)
+
+
+def test_build_report_ratios_follow_their_definitions() -> None:
+    report = _report()
+    ratios = report["ratios"]
+    assert ratios["triton_vs_raw_p50"] == pytest.approx(1.2)
+    # bridge at 64 tasks/request (90/s) over the best raw (100/s at batch 1)
+    assert ratios["bridge_vs_raw_throughput"] == pytest.approx(0.9)
+    assert ratios["bridge_vs_seed_throughput"] == pytest.approx(2.25)
+    assert set(report["targets"]) == set(TARGETS)
+    assert report["all_targets_met"] is True
+    load = report["per_load"]["bridge 64 tasks/request"]
+    assert load["mean_batch"] == 3 and load["queue_ms"] == 1 and load["cpu_ms_python_stubs"] == pytest.approx(17.78)
+    stages = {row["stage"]: row["ms"] for row in report["stages_ms"]}
+    assert stages["fetch"] == pytest.approx(2.0) and stages["triton round trip"] == pytest.approx(15.0)
+    assert stages["transport"] == pytest.approx(15.0 - 3.0 - 10.0)
+
+
+def test_markdown_and_png(tmp_path: Path) -> None:
+    report = _report()
+    report["targets"]["bridge_vs_seed_throughput"]["met"] = False
+    markdown = render_markdown(report)
+    assert "| ratio | value | target | met |" in markdown
+    assert "| bridge_vs_seed_throughput | 2.25 | >= 2 | **no** |" in markdown
+    assert "| (a) raw onnxruntime | 10.00 | 10.00 | 10.00 |" in markdown
+    assert "Test CPU, 2 cores" in markdown
+    write_png(report, tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
