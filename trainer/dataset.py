@@ -37,6 +37,7 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 
 from labelloop.errors import DatasetError
+from serving.repository import sha256_file
 
 __all__ = [
     "DATASET_DIR",
@@ -50,6 +51,7 @@ __all__ = [
     "YoloExport",
     "build_dataset",
     "bucket",
+    "dataset_names",
     "extract_zip",
     "labels_from_tasks",
     "ls_rect_to_xywhn",
@@ -190,14 +192,6 @@ def ls_rect_to_xywhn(
     return None if box is None else (box.xc, box.yc, box.w, box.h)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _image_suffix(path: Path) -> str:
     """The suffix to store an image under; also proves that it decodes."""
     try:
@@ -300,17 +294,23 @@ def _export_classes(root: Path) -> tuple[str, ...]:
         if names:
             return tuple(names)
     data_yaml = root / "data.yaml"
-    if data_yaml.is_file():
-        try:
-            data = yaml.safe_load(data_yaml.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
-            raise DatasetError(f"cannot read {data_yaml}: {exc}") from exc
-        names_field = data.get("names") if isinstance(data, dict) else None
-        if isinstance(names_field, dict):
-            return tuple(str(names_field[k]) for k in sorted(names_field, key=int))
-        if isinstance(names_field, list):
-            return tuple(str(n) for n in names_field)
+    if data_yaml.is_file() and (from_yaml := dataset_names(data_yaml)):
+        return tuple(from_yaml)
     raise DatasetError(f"{root} has no notes.json, classes.txt or data.yaml naming its classes")
+
+
+def dataset_names(data_yaml: Path) -> list[str]:
+    """Class names by id from an ultralytics data.yaml (a list or an ``{id: name}`` mapping)."""
+    try:
+        data = yaml.safe_load(data_yaml.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise DatasetError(f"cannot read {data_yaml}: {exc}") from exc
+    names = data.get("names") if isinstance(data, dict) else None
+    if isinstance(names, dict):
+        return [str(names[k]) for k in sorted(names, key=int)]
+    if isinstance(names, list):
+        return [str(n) for n in names]
+    return []
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -625,7 +625,7 @@ def build_dataset(
     holdout = _Holdout(trainer_dir / HOLDOUT_DIR, holdout_fraction)
     unique: dict[str, tuple[LabelledImage, str]] = {}
     for image in images:
-        content_hash = _sha256(image.path)
+        content_hash = sha256_file(image.path)
         if content_hash in unique and unique[content_hash][0].boxes != image.boxes:
             logger.warning(
                 "%s and %s are the same image; keeping %s", unique[content_hash][0].origin, image.origin, image.origin

@@ -12,10 +12,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from labelloop.errors import DatasetError
 from serving.export import configure_ultralytics_offline
+from trainer.dataset import dataset_names
 from trainer.train import map_ultralytics_errors, pick_device
 
 __all__ = ["EvalResult", "evaluate"]
@@ -47,20 +46,6 @@ class EvalResult:
         )
 
 
-def _dataset_names(data_yaml: Path) -> list[str]:
-    """Class names by id from a data.yaml (a list or an ``{id: name}`` mapping)."""
-    try:
-        data = yaml.safe_load(data_yaml.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise DatasetError(f"cannot read {data_yaml}: {exc}") from exc
-    names = data.get("names") if isinstance(data, dict) else None
-    if isinstance(names, dict):
-        return [str(names[k]) for k in sorted(names, key=int)]
-    if isinstance(names, list):
-        return [str(n) for n in names]
-    raise DatasetError(f"{data_yaml} has no class names")
-
-
 def evaluate(
     weights_or_onnx: Path,
     data_yaml: Path,
@@ -81,7 +66,9 @@ def evaluate(
     """
     if not weights_or_onnx.is_file():
         raise DatasetError(f"no model file at {weights_or_onnx}")
-    names = _dataset_names(data_yaml)
+    names = dataset_names(data_yaml)
+    if not names:
+        raise DatasetError(f"{data_yaml} has no class names")
     out = run_dir if run_dir is not None else data_yaml.parent / "eval"
     configure_ultralytics_offline(out.parent / "ultralytics")
     from ultralytics import YOLO
