@@ -176,8 +176,9 @@ class Harness:
 
     def _tensor(self, data: bytes) -> tuple[Tensor, Any]:
         """Decode, letterbox and scale to NCHW float32, exactly as the Triton model does."""
-        img = self._decode(data, self.settings.max_image_bytes, self.settings.max_image_pixels)
-        padded, box = self._letterbox(img, (self.imgsz, self.imgsz))
+        size = (self.imgsz, self.imgsz)
+        img = self._decode(data, self.settings.max_image_bytes, self.settings.max_image_pixels, target=size)
+        padded, box = self._letterbox(img.pixels, size, orig=(img.width, img.height))
         return padded[None].transpose(0, 3, 1, 2).astype(np.float32) / 255.0, box
 
     def _raw(self, x: Tensor) -> Tensor:
@@ -274,11 +275,12 @@ class Harness:
     async def _stage_ops(self) -> None:
         """Decode, preprocess and NMS with the Triton model's own functions, on the same images."""
         s = self.settings
+        size = (self.imgsz, self.imgsz)
         for k, image in enumerate(self.images):
             t0 = time.perf_counter()
-            img = self._decode(image.data, s.max_image_bytes, s.max_image_pixels)
+            img = self._decode(image.data, s.max_image_bytes, s.max_image_pixels, target=size)
             t1 = time.perf_counter()
-            padded, box = self._letterbox(img, (self.imgsz, self.imgsz))
+            padded, box = self._letterbox(img.pixels, size, orig=(img.width, img.height))
             np.stack([padded]).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
             t2 = time.perf_counter()
             dets = self._postprocess(self.raw_out[k], box, s.conf, s.iou)

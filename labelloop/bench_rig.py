@@ -1,4 +1,4 @@
-"""What ``labelloop bench`` runs against: its images, an image server, the bridge process, memory sampling.
+"""What ``labelloop bench`` runs against: its images, an image server, the bridge process, peak memory.
 
 Everything here binds to 127.0.0.1 and is stopped by its owner (context managers), also on Ctrl-C.
 """
@@ -85,8 +85,8 @@ def label_config(classes: list[str]) -> str:
 def private_repository(settings: Settings, dest: Path) -> tuple[ModelRepository, int]:
     """A copy of the served (newest) version under the Triton config the settings render.
 
-    The user's repository is never touched, and the tuning settings (instances, threads,
-    batching) apply without publishing a version.
+    The user's repository is never touched; the tuning settings (instances, threads, batching) and
+    this labelloop's Triton runtime (``model.py``) apply without publishing a version.
     """
     source = ModelRepository(settings.model_repository)
     name = settings.model_name
@@ -100,6 +100,7 @@ def private_repository(settings: Settings, dest: Path) -> tuple[ModelRepository,
     repo = ModelRepository(dest)
     repo.write_config(detector_config(settings))
     shutil.copytree(source.version_dir(name, version), repo.version_dir(name, version))
+    repo.install_runtime(name, version)
     return repo, version
 
 
@@ -137,6 +138,9 @@ class _ImageHandler(http.server.BaseHTTPRequestHandler):
     """GET /<name> from memory, HTTP/1.1 keep-alive so the bridge reuses its connections."""
 
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes; with Nagle on, the body waits for the client's
+    # delayed ACK (up to 40 ms on Linux). Web servers set TCP_NODELAY, and so does this one.
+    disable_nagle_algorithm = True
     server: ImageServer
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
@@ -263,19 +267,18 @@ class BridgeProcess:
 
 
 class ProcessMonitor:
-    """Peak resident memory (sampled in a thread) and CPU time of the processes under test.
+    """Peak resident memory and CPU time of the processes under test.
 
-    A group is a process and all its descendants (tritonserver and its python stubs), summed:
-    shared pages count once per process, so the memory figure is an upper bound.
+    The peak is the kernel's own high-water mark (``VmHWM``), read when the monitor opens and
+    closes: nothing samples in the background, competing for the GIL and the cores with what is
+    timed. A group is a process and all its descendants (tritonserver and its python stubs),
+    summed: shared pages count once per process, so the memory figure is an upper bound.
     """
 
-    def __init__(self, pids: dict[str, int], interval_s: float = 0.1) -> None:
+    def __init__(self, pids: dict[str, int]) -> None:
         self._roots = {name: psutil.Process(pid) for name, pid in pids.items()}
         self.peak_mb = dict.fromkeys(pids, 0.0)
         self.processes = dict.fromkeys(pids, 0)
-        self._interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bench-rss", daemon=True)
 
     def _groups(self) -> dict[str, list[psutil.Process]]:
         groups = {}
@@ -286,12 +289,24 @@ class ProcessMonitor:
                 continue
         return groups
 
-    def _sample(self) -> None:
+    @staticmethod
+    def _peak_bytes(proc: psutil.Process) -> int:
+        """The kernel's high-water mark; the current RSS where there is none (not Linux)."""
+        try:
+            with open(f"/proc/{proc.pid}/status", encoding="ascii", errors="replace") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return int(proc.memory_info().rss)
+
+    def _record(self) -> None:
         for name, group in self._groups().items():
             total = 0
             for proc in group:
                 try:
-                    total += proc.memory_info().rss
+                    total += self._peak_bytes(proc)
                 except psutil.Error:
                     continue
             self.peak_mb[name] = max(self.peak_mb[name], total / 2**20)
@@ -315,16 +330,9 @@ class ProcessMonitor:
         seconds["bench process"] = own.user + own.system
         return seconds
 
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            self._sample()
-
     def __enter__(self) -> ProcessMonitor:
-        self._sample()
-        self._thread.start()
+        self._record()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._sample()
+        self._record()

@@ -170,6 +170,15 @@ class LabelPlan:
     """What to predict for a label config: the control models and the task fields they read."""
 
     controls: tuple[ControlModel, ...]
+    config: str
+    model_classes: tuple[str, ...]
+    default_threshold: float
+
+    def for_classes(self, model_classes: tuple[str, ...]) -> LabelPlan:
+        """The same config planned for another version's classes (itself when they are the same)."""
+        if model_classes == self.model_classes:
+            return self
+        return plan_for_config(self.config, model_classes, self.default_threshold)
 
     @property
     def value_keys(self) -> tuple[str, ...]:
@@ -226,4 +235,4 @@ def plan_for_config(config: str, model_classes: tuple[str, ...], default_thresho
             f"config labels [{', '.join(labels)}]. Rename the labels, or add "
             'predicted_values="<model class>" to a <Label>'
         )
-    return LabelPlan(controls=tuple(controls))
+    return LabelPlan(tuple(controls), config, model_classes, default_threshold)

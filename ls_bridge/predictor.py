@@ -67,13 +67,21 @@ class Predictor:
         self.fetcher = fetcher
         self.metrics = metrics
         self._in_flight = asyncio.Semaphore(settings.fetch_concurrency + settings.triton_concurrency)
+        self._served: ModelInfo | None = None
 
     def version_name(self, version: int) -> str:
         return model_version_name(self.settings.model_name, version)
 
     async def plan(self, label_config: str) -> tuple[LabelPlan, ModelInfo]:
-        """What Triton serves now (a real inference) and the plan for this config with its classes."""
-        info = await self.detector.info()
+        """The plan for this config with the classes of the version that answered last.
+
+        Only the first call asks Triton (a real inference); after that every answer names the
+        version that produced it, and a task answered by another version is re-planned with that
+        version's classes, so a published version is picked up without an extra request.
+        """
+        info = self._served
+        if info is None:
+            info = self._served = await self.detector.info()
         return plan_for_config(label_config, tuple(info.classes), self.settings.conf), info
 
     async def predict(self, tasks: Sequence[Task], label_config: str) -> list[Prediction]:
@@ -89,6 +97,9 @@ class Predictor:
         async with self._in_flight:
             try:
                 detections = {key: await self._detect_field(task, key, plan) for key in plan.value_keys}
+                # A plan reads at least one image; its answer names the version Triton actually ran.
+                served = next(iter(detections.values())).model
+                plan = plan.for_classes(tuple(served.classes))
             except TritonUnavailableError:
                 raise
             except LabelloopError as exc:
@@ -97,12 +108,13 @@ class Predictor:
                 self.metrics.errors.inc(where="task", error=type(exc).__name__)
                 empty = Prediction(result=[], score=0.0, model_version=self.version_name(info.version))
                 return TaskOutcome(task.id, empty, exc)
+        if served.version != info.version:
+            self._served = served
         with self.metrics.stages.time(stage="format"):
             regions, score = plan.format(detections)
-        # A plan reads at least one image; its answer names the version Triton actually ran.
-        served = next(iter(detections.values())).model_version
         self.metrics.tasks.inc(outcome="ok")
-        return TaskOutcome(task.id, Prediction(result=regions, score=score, model_version=self.version_name(served)))
+        version = self.version_name(served.version)
+        return TaskOutcome(task.id, Prediction(result=regions, score=score, model_version=version))
 
     async def _detect_field(self, task: Task, key: str, plan: LabelPlan) -> ImageDetections:
         url = task.data.get(key)

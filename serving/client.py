@@ -50,14 +50,29 @@ class Detection:
 
 
 @dataclass(frozen=True)
+class ModelInfo:
+    """What the served version says about itself (read from the server, never from constants)."""
+
+    name: str
+    version: int
+    classes: list[str]
+    imgsz: list[int]
+    provider: str
+
+
+@dataclass(frozen=True)
 class ImageDetections:
     """All detections for one image, with the version that produced them."""
 
     width: int
     height: int
-    model_version: int
+    model: ModelInfo
     detections: list[Detection] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def model_version(self) -> int:
+        return self.model.version
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,17 +84,6 @@ class ImageDetections:
                 for d in self.detections
             ],
         }
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the served version says about itself (read from the server, never from constants)."""
-
-    name: str
-    version: int
-    classes: list[str]
-    imgsz: list[int]
-    provider: str
 
 
 def probe_image() -> bytes:
@@ -129,7 +133,7 @@ class DetectorClient:
         self.backoff_s = backoff_s
         self._client = grpcclient.InferenceServerClient(url=url)
         self._slots = asyncio.Semaphore(concurrency)
-        self._info_cache: dict[bytes, dict[str, Any]] = {}
+        self._info_cache: dict[bytes, ModelInfo] = {}
 
     async def close(self) -> None:
         await self._client.close()
@@ -176,9 +180,8 @@ class DetectorClient:
                 parameters=params or None,
             )
             elapsed = time.perf_counter() - started
-        response = result.get_response()
-        info = self._model_info(result.as_numpy("MODEL_INFO")[0, 0])
-        names: list[str] = info["names"]
+        model = self._model_info(result.as_numpy("MODEL_INFO")[0, 0])
+        names = model.classes
         n = int(result.as_numpy("NUM_DETECTIONS")[0, 0])
         rows = result.as_numpy("DETECTIONS")[0, :n]
         width, height = (int(v) for v in result.as_numpy("IMAGE_SIZE")[0])
@@ -197,7 +200,7 @@ class DetectorClient:
         return ImageDetections(
             width=width,
             height=height,
-            model_version=int(response.model_version or info["version"]),
+            model=model,
             detections=detections,
             stats={"infer_s": elapsed},
         )
@@ -215,25 +218,24 @@ class DetectorClient:
 
         return list(await asyncio.gather(*(one(d) for d in images)))
 
-    def _model_info(self, raw: bytes) -> dict[str, Any]:
-        cached = self._info_cache.get(raw)
-        if cached is None:
-            cached = json.loads(raw)
-            self._info_cache[raw] = cached
-        return cached
+    def _model_info(self, raw: bytes) -> ModelInfo:
+        """MODEL_INFO of the version that answered, parsed once per distinct value."""
+        info = self._info_cache.get(raw)
+        if info is None:
+            data = json.loads(raw)
+            info = ModelInfo(
+                name=self.model_name,
+                version=int(data["version"]),
+                classes=list(data["names"]),
+                imgsz=list(data["imgsz"]),
+                provider=str(data.get("provider", "")),
+            )
+            self._info_cache[raw] = info
+        return info
 
     async def info(self) -> ModelInfo:
         """Version, classes and imgsz of what is served now, proven by a real inference."""
-        detections = await self.detect(probe_image())
-        raw = next(k for k, v in self._info_cache.items() if v["version"] == detections.model_version)
-        data = self._info_cache[raw]
-        return ModelInfo(
-            name=self.model_name,
-            version=detections.model_version,
-            classes=list(data["names"]),
-            imgsz=list(data["imgsz"]),
-            provider=str(data.get("provider", "")),
-        )
+        return (await self.detect(probe_image())).model
 
     async def is_live(self) -> bool:
         try:

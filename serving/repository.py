@@ -167,9 +167,7 @@ class ModelRepository:
             staging = self.model_dir(card.name) / f".staging-{uuid.uuid4().hex}"
             try:
                 staging.mkdir()
-                runtime = resources.files("serving") / "triton"
-                for fname in _RUNTIME_FILES:
-                    (staging / fname).write_bytes((runtime / fname).read_bytes())
+                _write_runtime(staging)
                 shutil.copyfile(onnx, staging / ONNX_FILE)
                 if weights is not None:
                     shutil.copyfile(weights, staging / WEIGHTS_FILE)
@@ -188,6 +186,13 @@ class ModelRepository:
         logger.info("wrote %s version %d", card.name, version)
         return version
 
+    def install_runtime(self, name: str, version: int) -> None:
+        """Overwrite a version's Triton runtime with this labelloop's; only for copies Triton does not serve.
+
+        A published version keeps the runtime it was written with; the bench measures the code at hand.
+        """
+        _write_runtime(self.version_dir(name, version))
+
     def set_aside(self, name: str, version: int, reason: str) -> Path:
         """Move a version out of Triton's sight (kept for inspection, never deleted)."""
         src = self.version_dir(name, version)
@@ -198,6 +203,12 @@ class ModelRepository:
         (dst / "FAILED.txt").write_text(reason + "\n")
         logger.warning("set aside %s version %d as %s: %s", name, version, dst.name, reason)
         return dst
+
+
+def _write_runtime(folder: Path) -> None:
+    runtime = resources.files("serving") / "triton"
+    for fname in _RUNTIME_FILES:
+        (folder / fname).write_bytes((runtime / fname).read_bytes())
 
 
 def _fsync_tree(folder: Path) -> None:

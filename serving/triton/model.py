@@ -177,10 +177,10 @@ class TritonPythonModel:
         pixels, boxes = [], []
         for k, blob in enumerate(blobs):
             try:
-                img = decode_image(bytes(blob), self.max_bytes, self.max_pixels)
+                img = decode_image(bytes(blob), self.max_bytes, self.max_pixels, target=self.imgsz)
             except ImageRejected as exc:
                 raise ImageRejected(f"image {k}: {exc}" if len(blobs) > 1 else str(exc)) from exc
-            padded, box = letterbox(img, self.imgsz)
+            padded, box = letterbox(img.pixels, self.imgsz, orig=(img.width, img.height))
             pixels.append(padded)
             boxes.append(box)
         batch = np.stack(pixels).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
@@ -200,7 +200,10 @@ class TritonPythonModel:
             except ImageRejected as exc:
                 prepared.append(exc)
         batches = [item[0] for item in prepared if not isinstance(item, Exception)]
-        raw = self._infer(np.concatenate(batches), alone) if batches else np.empty((0,), np.float32)
+        if not batches:
+            raw = np.empty((0,), np.float32)
+        else:
+            raw = self._infer(batches[0] if len(batches) == 1 else np.concatenate(batches), alone)
         responses, offset = [], 0
         for request, item in zip(requests, prepared, strict=True):
             if isinstance(item, Exception):

@@ -19,7 +19,9 @@ from labelloop.settings import Settings
 from labelloop.studio import DEFECT_LABEL_CONFIG as SEED_CONFIG
 from ls_bridge.events import EventStore
 from serving.client import ImageDetections
+from serving.control import activate_version
 from serving.publish import make_client
+from serving.repository import ModelCard, ModelRepository
 from tests.conftest import TritonHandle, free_port
 from tests.integration.conftest import BridgeServer, ImageServer, assert_regions_match
 
@@ -165,6 +167,48 @@ def test_predict_answers_every_task_in_order_like_triton(
         assert_same_boxes(result["result"], want)
         scores = [d.score for d in want.detections]
         assert result["score"] == pytest.approx(sum(scores) / len(scores) if scores else 0.0, abs=1e-6)
+
+
+def _labels(results: list[dict[str, Any]]) -> list[list[str]]:
+    return [[region["value"]["rectanglelabels"][0] for region in r["result"]] for r in results]
+
+
+def test_a_published_version_is_planned_with_its_own_classes(
+    private_triton: TritonHandle,
+    image_server: ImageServer,
+    images: list[str],
+    tmp_path: Path,
+    bridge_factory: BridgeFactory,
+) -> None:
+    """The bridge asks Triton what it serves once; later answers name their version and its classes."""
+    import onnx
+
+    settings = _settings(private_triton, image_server, tmp_path)
+    bridge = bridge_factory(settings)
+    config = SEED_CONFIG.replace("</RectangleLabels>", '  <Label value="scratch"/>\n  </RectangleLabels>')
+    tasks = [_task(i, image_server.url(name)) for i, name in enumerate(images[:24])]
+    first = _predict(bridge, tasks, config).json()["results"]
+    assert {r["model_version"] for r in first} == {VERSION}
+    assert "perforation" in sum(_labels(first), [])
+
+    # Version 2: the same network with its class 2 renamed, published and loaded behind the bridge.
+    repo = ModelRepository(settings.model_repository)
+    model = onnx.load(str(repo.onnx_path(settings.model_name, 1)))
+    names = next(p for p in model.metadata_props if p.key == "names")
+    names.value = names.value.replace("'perforation'", "'scratch'")
+    renamed = tmp_path / "renamed.onnx"
+    onnx.save(model, str(renamed))
+    card = ModelCard(name=settings.model_name, version=0, classes=["dentado", "concave", "scratch"], imgsz=320)
+    version = repo.add_version(card, renamed)
+
+    async def activate() -> None:
+        async with make_client(settings) as client:
+            await activate_version(client, repo, version)
+
+    asyncio.run(activate())
+    second = _predict(bridge, tasks, config).json()["results"]
+    assert {r["model_version"] for r in second} == {"defect_detector@v2"}
+    assert _labels(second) == [[{"perforation": "scratch"}.get(x, x) for x in labels] for labels in _labels(first)]
 
 
 def test_failed_tasks_answer_empty_and_the_batch_goes_on(

@@ -8,7 +8,7 @@ import pytest
 
 from labelloop.errors import ConfigError
 from ls_bridge.controls import RectangleLabelsModel, build_label_map, plan_for_config
-from serving.client import Detection, ImageDetections
+from serving.client import Detection, ImageDetections, ModelInfo
 
 CLASSES = ("dentado", "concave", "perforation")
 
@@ -28,7 +28,7 @@ def _detections(*boxes: tuple[str, float, float, float, float, float]) -> ImageD
     return ImageDetections(
         width=200,
         height=100,
-        model_version=3,
+        model=ModelInfo("defect_detector", 3, list(CLASSES), [320, 320], "CPUExecutionProvider"),
         detections=[
             Detection(label=label, class_id=CLASSES.index(label), score=score, x1=x1, y1=y1, x2=x2, y2=y2)
             for label, score, x1, y1, x2, y2 in boxes
@@ -172,3 +172,13 @@ def test_unparsable_config_is_a_config_error(config: str) -> None:
 def test_bad_threshold_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="model_score_threshold='high'"):
         plan_for_config(SEED_CONFIG.replace('"0.25"', '"high"'), CLASSES, 0.25)
+
+
+def test_a_plan_for_other_classes_maps_labels_by_the_new_names() -> None:
+    plan = plan_for_config(SEED_CONFIG, CLASSES, 0.25)
+    assert plan.for_classes(CLASSES) is plan
+    reordered = plan.for_classes(("perforation", "dentado", "concave"))
+    assert reordered.controls[0].label_map == {c: c for c in CLASSES}
+    assert reordered.model_classes == ("perforation", "dentado", "concave")
+    with pytest.raises(ConfigError, match="no model class matches"):
+        plan.for_classes(("scratch",))

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import io
 
+import cv2
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
+from serving.triton import detector_ops
 from serving.triton.detector_ops import (
+    Decoded,
     ImageRejected,
     Letterbox,
     decode_image,
@@ -84,24 +87,26 @@ def _encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "TIFF", "WEBP"])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF"])
 def test_decode_formats_to_rgb(fmt: str) -> None:
-    arr = decode_image(_encode(Image.new("RGB", (30, 20), (10, 200, 30)), fmt), 10**7, 10**7)
-    assert arr.shape == (20, 30, 3) and arr.dtype == np.uint8
+    out = decode_image(_encode(Image.new("RGB", (30, 20), (10, 200, 30)), fmt), 10**7, 10**7)
+    assert out.pixels.shape == (20, 30, 3) and out.pixels.dtype == np.uint8
+    assert (out.width, out.height) == (30, 20)
 
 
 def test_decode_applies_exif_orientation() -> None:
     img = Image.new("RGB", (40, 20))
     exif = Image.Exif()
     exif[0x0112] = 6  # stored landscape, displayed rotated 90 degrees
-    arr = decode_image(_encode(img, "JPEG", exif=exif), 10**7, 10**7)
-    assert arr.shape == (40, 20, 3)
+    out = decode_image(_encode(img, "JPEG", exif=exif), 10**7, 10**7)
+    assert out.pixels.shape == (40, 20, 3)
+    assert (out.width, out.height) == (20, 40)
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "I;16"])
 def test_decode_turns_any_mode_into_rgb(mode: str) -> None:
-    arr = decode_image(_encode(Image.new(mode, (8, 6)), "PNG"), 10**7, 10**7)
-    assert arr.shape == (6, 8, 3)
+    out = decode_image(_encode(Image.new(mode, (8, 6)), "PNG"), 10**7, 10**7)
+    assert out.pixels.shape == (6, 8, 3)
 
 
 def test_decode_rejects_bad_inputs() -> None:
@@ -117,6 +122,222 @@ def test_decode_rejects_bad_inputs() -> None:
     truncated = _encode(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")[:200]
     with pytest.raises(ImageRejected):
         decode_image(truncated, 10**6, 10**6)
+
+
+def _pillow_reference(data: bytes) -> np.ndarray:
+    """The decode as it was before OpenCV: Pillow, exif_transpose, convert to RGB."""
+    with Image.open(io.BytesIO(data)) as im:
+        im = ImageOps.exif_transpose(im)
+        return np.asarray(im.convert("RGB"))
+
+
+def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Smooth colour gradients, a few high-contrast rectangles and distinct corners (to see turns)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    arr = np.stack([x * 255 // width, y * 255 // height, (x + y) * 127 // (width + height) + 64], -1).astype(np.uint8)
+    for _ in range(4):
+        x0, y0 = int(rng.integers(0, width * 3 // 4)), int(rng.integers(0, height * 3 // 4))
+        arr[y0 : y0 + height // 6, x0 : x0 + width // 6] = rng.integers(0, 256, 3)
+    s = max(min(width, height) // 8, 2)
+    arr[:s, :s], arr[:s, -s:], arr[-s:, :s] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    return Image.fromarray(arr)
+
+
+def _jpeg(img: Image.Image, orientation: int = 1, **kw: object) -> bytes:
+    exif = Image.Exif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    return _encode(img, "JPEG", quality=92, exif=exif, **kw)
+
+
+@pytest.fixture
+def imdecode_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Flags of every cv2.imdecode call made by detector_ops."""
+    calls: list[int] = []
+    real = cv2.imdecode
+
+    def spy(buf: np.ndarray, flags: int) -> np.ndarray | None:
+        calls.append(flags)
+        return real(buf, flags)
+
+    monkeypatch.setattr(cv2, "imdecode", spy)
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+@pytest.mark.parametrize("kw", [{}, {"progressive": True}, {"subsampling": 0}], ids=["420", "progressive", "444"])
+def test_jpeg_is_decoded_by_opencv_like_pillow(mode: str, kw: dict[str, object], imdecode_calls: list[int]) -> None:
+    data = _encode(_photo(301, 199).convert(mode), "JPEG", quality=92, **kw)
+    out = decode_image(data, 10**7, 10**7)
+    assert imdecode_calls == [cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION]
+    ref = _pillow_reference(data)
+    assert out.pixels.dtype == np.uint8 and out.pixels.shape == ref.shape
+    assert np.abs(out.pixels.astype(int) - ref).max() <= 1
+    assert (out.width, out.height) == (301, 199)
+
+
+def test_mpo_and_grey_reduced_decode_use_opencv(imdecode_calls: list[int]) -> None:
+    photo = _photo(1280, 960)
+    mpo = _encode(photo, "MPO", save_all=True, append_images=[photo.transpose(Image.Transpose.FLIP_TOP_BOTTOM)])
+    np.testing.assert_allclose(decode_image(mpo, 10**8, 10**8).pixels, _pillow_reference(mpo), atol=1)
+    grey = decode_image(_jpeg(photo.convert("L")), 10**8, 10**8, target=(320, 320))
+    assert grey.pixels.shape == (240, 320, 3) and (grey.width, grey.height) == (1280, 960)
+    assert imdecode_calls == [
+        cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION,
+        cv2.IMREAD_REDUCED_COLOR_4 | cv2.IMREAD_IGNORE_ORIENTATION,
+    ]
+
+
+def test_bench_images_decode_as_with_pillow(imdecode_calls: list[int]) -> None:
+    from labelloop.bench_rig import render_images
+
+    for image in render_images(4, 2024):
+        out = decode_image(image.data, 10**7, 10**7)
+        np.testing.assert_array_equal(out.pixels, _pillow_reference(image.data))
+        assert (out.width, out.height) == (image.width, image.height)
+    assert len(imdecode_calls) == 4
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_opencv_orientation_matches_pillow(orientation: int, imdecode_calls: list[int]) -> None:
+    data = _jpeg(_photo(96, 64), orientation)
+    out = decode_image(data, 10**7, 10**7)
+    assert imdecode_calls, "the JPEG went through Pillow"
+    ref = _pillow_reference(data)
+    assert out.pixels.shape == ref.shape
+    assert np.abs(out.pixels.astype(int) - ref).max() <= 1
+    assert (out.width, out.height) == (ref.shape[1], ref.shape[0])
+
+
+def test_xmp_orientation_is_applied_like_pillow() -> None:
+    # OpenCV reads only EXIF; Pillow (and so the old decode) also honours an XMP tiff:Orientation.
+    xmp = (
+        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="8"/></rdf:RDF></x:xmpmeta>'
+    )
+    data = _encode(_photo(96, 64), "JPEG", quality=92, xmp=xmp)
+    out = decode_image(data, 10**7, 10**7)
+    np.testing.assert_allclose(out.pixels, _pillow_reference(data), atol=1)
+    assert (out.width, out.height) == (64, 96)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "1", "RGB"])
+def test_png_modes_match_pillow(mode: str) -> None:
+    rng = np.random.default_rng(1)
+    rgba = Image.fromarray(rng.integers(0, 256, (24, 40, 4), dtype=np.uint8), "RGBA")
+    img = (rgba if "A" in mode else rgba.convert("RGB")).convert(mode)
+    data = _encode(img, "PNG")
+    out = decode_image(data, 10**7, 10**7)
+    np.testing.assert_array_equal(out.pixels, _pillow_reference(data))
+
+
+def test_16bit_grey_png_keeps_the_high_byte() -> None:
+    grey = np.arange(0, 65536, 64, dtype=np.uint16).reshape(32, 32)
+    out = decode_image(_encode(Image.fromarray(grey), "PNG"), 10**7, 10**7)
+    assert out.pixels.dtype == np.uint8 and out.pixels.shape == (32, 32, 3)
+    np.testing.assert_array_equal(out.pixels[..., 0], grey >> 8)
+    np.testing.assert_array_equal(out.pixels[..., 0], out.pixels[..., 2])
+
+
+def test_cmyk_jpeg_and_gif_go_through_pillow(imdecode_calls: list[int]) -> None:
+    for data in (_jpeg(_photo(40, 30).convert("CMYK")), _encode(_photo(40, 30).convert("P"), "GIF")):
+        out = decode_image(data, 10**7, 10**7)
+        np.testing.assert_array_equal(out.pixels, _pillow_reference(data))
+    assert imdecode_calls == []
+
+
+def test_falls_back_to_pillow_where_opencv_cannot_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cv2, "imdecode", lambda buf, flags: None)
+    data = _jpeg(_photo(60, 40), 6)
+    out = decode_image(data, 10**7, 10**7, target=(16, 16))
+    np.testing.assert_array_equal(out.pixels, _pillow_reference(data))
+    assert (out.width, out.height) == (40, 60)
+
+
+@pytest.mark.parametrize("cut", [200, -2])
+def test_truncated_jpeg_is_rejected(cut: int) -> None:
+    data = _jpeg(Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)))
+    with pytest.raises(ImageRejected, match="cannot decode"):
+        decode_image(data[:cut], 10**7, 10**7)
+
+
+def test_pixel_limit_is_checked_before_decoding(imdecode_calls: list[int]) -> None:
+    data = _jpeg(_photo(200, 100))
+    with pytest.raises(ImageRejected, match=r"image is 200x100 pixels, limit 19999"):
+        decode_image(data, 10**7, 200 * 100 - 1, target=(32, 32))
+    assert imdecode_calls == []
+
+
+@pytest.mark.parametrize(
+    ("size", "target", "decoded"),
+    [
+        ((4000, 3000), (320, 320), (500, 375)),  # 1/8
+        ((2400, 1600), (320, 320), (600, 400)),  # 1/8 would be 300 wide, under 320
+        ((640, 640), (320, 320), (320, 320)),  # 1/2 exactly
+        ((641, 480), (320, 320), (321, 240)),  # 1/2, rounding up: ceil(641 / 2) = 321
+        ((637, 637), (320, 320), (637, 637)),  # 1/2 would be 319, under 320: full decode
+        ((500, 375), (320, 320), (500, 375)),  # 1/2 is too small: full decode
+        ((100, 60), (320, 320), (100, 60)),  # the letterbox enlarges: full decode
+        ((1283, 3001), (320, 256), (161, 376)),  # portrait into a non-square input: 1/8 covers 137x320
+    ],
+)
+def test_reduced_jpeg_decode_size(size: tuple[int, int], target: tuple[int, int], decoded: tuple[int, int]) -> None:
+    out = decode_image(_jpeg(_photo(*size)), 10**8, 10**8, target=target)
+    assert (out.width, out.height) == size
+    assert (out.pixels.shape[1], out.pixels.shape[0]) == decoded
+
+
+def test_reduction_never_makes_the_letterbox_enlarge() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(2000):
+        w, h = (int(v) for v in rng.integers(1, 9000, 2))
+        target = (int(rng.integers(16, 1300)), int(rng.integers(16, 1300)))
+        f = detector_ops._jpeg_reduction(w, h, target)
+        new_w, new_h = detector_ops._resized(w, h, target)
+        if f > 1:
+            assert -(-w // f) >= new_w and -(-h // f) >= new_h
+        if f < 8:  # the next factor up would have been too small
+            assert -(-w // (2 * f)) < new_w or -(-h // (2 * f)) < new_h
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_reduced_decode_letterboxes_like_the_full_decode(orientation: int) -> None:
+    data = _jpeg(_photo(2400, 1600, seed=orientation), orientation)
+    full = decode_image(data, 10**8, 10**8)
+    reduced = decode_image(data, 10**8, 10**8, target=(320, 320))
+    assert reduced.pixels.shape[0] * reduced.pixels.shape[1] * 10 < full.pixels.size // 3
+    assert (reduced.width, reduced.height) == (full.width, full.height)
+    full_img, full_box = letterbox(full.pixels, (320, 320))
+    red_img, red_box = letterbox(reduced.pixels, (320, 320), orig=(reduced.width, reduced.height))
+    assert red_img.shape == full_img.shape == (320, 320, 3)
+    assert np.abs(red_img.astype(int) - full_img).mean() < 3
+    assert red_box == full_box
+    # one detection, centre (150, 170) size 60x40 in network pixels, back to original pixels
+    pred = np.zeros((4 + 1, 1), np.float32)
+    pred[:, 0] = [150, 170, 60, 40, 0.9]
+    np.testing.assert_allclose(
+        postprocess(pred, red_box, 0.25, 0.7)[:, :4], postprocess(pred, full_box, 0.25, 0.7)[:, :4], atol=1
+    )
+
+
+def test_letterbox_orig_sets_the_size_boxes_map_back_to() -> None:
+    small = np.full((400, 600, 3), 50, np.uint8)
+    out, box = letterbox(small, (320, 320), orig=(2400, 1600))
+    assert (box.orig_w, box.orig_h, box.new_w, box.new_h, box.left, box.top) == (2400, 1600, 320, 213, 0, 53)
+    assert out.shape == (320, 320, 3)
+    pred = np.zeros((5, 1), np.float32)
+    pred[:, 0] = [160, 160, 32, 32, 0.9]  # 144..176 in network pixels; 320 / 2400 and 213 / 1600 per pixel
+    expected = [144 * 7.5, (144 - 53) * 1600 / 213, 176 * 7.5, (176 - 53) * 1600 / 213]
+    np.testing.assert_allclose(postprocess(pred, box, 0.25, 0.7)[0, :4], expected, rtol=1e-5)
+    assert letterbox(small, (320, 320), orig=(600, 400))[1] == letterbox(small, (320, 320))[1]
+
+
+def test_decoded_is_frozen() -> None:
+    out = decode_image(_jpeg(_photo(8, 8)), 10**7, 10**7)
+    assert isinstance(out, Decoded)
+    with pytest.raises(AttributeError):
+        out.width = 3  # type: ignore[misc]
 
 
 def test_onnx_metadata_is_required() -> None:

@@ -87,3 +87,16 @@ def test_config_is_rewritten_only_on_change(repo: ModelRepository) -> None:
     repo.write_config(DetectorConfig(name="det", max_batch_size=2))
     assert "max_batch_size: 2" in path.read_text()
     assert json.loads(ModelCard(name="x", version=1, classes=[], imgsz=1).to_json())["version"] == 1
+
+
+def test_install_runtime_brings_a_copy_to_this_labelloops_model_code(repo: ModelRepository, tmp_path: Path) -> None:
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"onnx")
+    version = repo.add_version(_card(), onnx)
+    shipped = Path(__file__).parents[2] / "serving" / "triton"
+    folder = repo.version_dir("det", version)
+    (folder / "model.py").write_text("# written by an older labelloop\n")
+    repo.install_runtime("det", version)
+    for name in ("model.py", "detector_ops.py"):
+        assert (folder / name).read_bytes() == (shipped / name).read_bytes()
+    assert (folder / "model.onnx").read_bytes() == b"onnx"
