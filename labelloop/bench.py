@@ -150,7 +150,7 @@ class Harness:
         onnx_path: Path,
         weights_path: Path,
     ) -> None:
-        from serving.triton.detector_ops import decode_image, letterbox, postprocess
+        from serving.triton.detector_ops import decode_image, letterbox, network_input, postprocess
 
         self.settings = settings
         self.plan = plan
@@ -164,22 +164,23 @@ class Harness:
         self.tally = Tally()
         self.monitor: ProcessMonitor | None = None
         self._decode, self._letterbox, self._postprocess = decode_image, letterbox, postprocess
+        self._network_input = network_input
         self.session, self.input_name = _raw_session(onnx_path)
         self.seed_model = _seed_model(weights_path)
-        self.tensors = [self._tensor(image.data)[0] for image in images]
-        self.boxes_lb = [self._tensor(image.data)[1] for image in images]
+        self.tensors = [self._tensor(image.data) for image in images]
         self.raw_out = [self._raw(x)[0] for x in self.tensors]
         batch = settings.max_batch_size
         cycled = [self.tensors[k % len(self.tensors)] for k in range(batch)]
         self.raw_batch = np.concatenate(cycled)
         self._task_ids = iter(range(1, 10**9))
 
-    def _tensor(self, data: bytes) -> tuple[Tensor, Any]:
+    def _tensor(self, data: bytes) -> Tensor:
         """Decode, letterbox and scale to NCHW float32, exactly as the Triton model does."""
         size = (self.imgsz, self.imgsz)
         img = self._decode(data, self.settings.max_image_bytes, self.settings.max_image_pixels, target=size)
-        padded, box = self._letterbox(img.pixels, size, orig=(img.width, img.height))
-        return padded[None].transpose(0, 3, 1, 2).astype(np.float32) / 255.0, box
+        padded, _ = self._letterbox(img.pixels, size, orig=(img.width, img.height))
+        tensor: Tensor = self._network_input([padded])
+        return tensor
 
     def _raw(self, x: Tensor) -> Tensor:
         out: Tensor = self.session.run(None, {self.input_name: x})[0]
@@ -281,7 +282,7 @@ class Harness:
             img = self._decode(image.data, s.max_image_bytes, s.max_image_pixels, target=size)
             t1 = time.perf_counter()
             padded, box = self._letterbox(img.pixels, size, orig=(img.width, img.height))
-            np.stack([padded]).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+            self._network_input([padded])
             t2 = time.perf_counter()
             dets = self._postprocess(self.raw_out[k], box, s.conf, s.iou)
             t3 = time.perf_counter()

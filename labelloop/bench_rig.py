@@ -12,13 +12,15 @@ import os
 import platform
 import shutil
 import socket
+import socketserver
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
@@ -34,6 +36,7 @@ __all__ = [
     "BenchImage",
     "BridgeProcess",
     "ImageServer",
+    "LoopbackHTTPServer",
     "ProcessMonitor",
     "free_port",
     "label_config",
@@ -158,20 +161,26 @@ class _ImageHandler(http.server.BaseHTTPRequestHandler):
         """Quiet: one line per image would swamp the bench's output."""
 
 
-class ImageServer(http.server.ThreadingHTTPServer):
-    """The bench images over loopback HTTP, as Label Studio (or any http host) would serve them."""
+_Server = TypeVar("_Server", bound="LoopbackHTTPServer")
+
+
+class LoopbackHTTPServer(http.server.ThreadingHTTPServer):
+    """An HTTP server on a free 127.0.0.1 port, serving from a thread while its ``with`` block runs."""
 
     daemon_threads = True
 
-    def __init__(self, images: list[BenchImage]) -> None:
-        self.files = {image.name: image.data for image in images}
-        super().__init__(("127.0.0.1", 0), _ImageHandler)
-        self._thread = threading.Thread(target=self.serve_forever, name="bench-images", daemon=True)
+    def __init__(self, handler: Callable[..., socketserver.BaseRequestHandler], thread_name: str) -> None:
+        super().__init__(("127.0.0.1", 0), handler)
+        self._thread = threading.Thread(target=self.serve_forever, name=thread_name, daemon=True)
 
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/{name}"
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.server_address[1]}"
 
-    def __enter__(self) -> ImageServer:
+    def url(self, path: str) -> str:
+        return f"http://{self.host}/{path.lstrip('/')}"
+
+    def __enter__(self: _Server) -> _Server:
         self._thread.start()
         return self
 
@@ -179,6 +188,14 @@ class ImageServer(http.server.ThreadingHTTPServer):
         self.shutdown()
         self.server_close()
         self._thread.join(timeout=10)
+
+
+class ImageServer(LoopbackHTTPServer):
+    """The bench images over loopback HTTP, as Label Studio (or any http host) would serve them."""
+
+    def __init__(self, images: list[BenchImage]) -> None:
+        self.files = {image.name: image.data for image in images}
+        super().__init__(_ImageHandler, "bench-images")
 
 
 class BridgeProcess:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ast
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -23,6 +23,7 @@ __all__ = [
     "Letterbox",
     "decode_image",
     "letterbox",
+    "network_input",
     "nms",
     "parse_onnx_metadata",
     "postprocess",
@@ -199,6 +200,11 @@ def letterbox(
     left, right = round(dw - 0.1), round(dw + 0.1)
     img = cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
     return img, Letterbox(orig_w=orig_w, orig_h=orig_h, new_w=new_w, new_h=new_h, left=left, top=top)
+
+
+def network_input(padded: Sequence[np.ndarray]) -> np.ndarray:
+    """Letterboxed HWC uint8 images to the NCHW float32 batch in [0, 1] that ultralytics feeds the network."""
+    return np.stack(padded).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:

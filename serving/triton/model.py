@@ -32,7 +32,15 @@ from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from detector_ops import ImageRejected, Letterbox, decode_image, letterbox, parse_onnx_metadata, postprocess
+from detector_ops import (
+    ImageRejected,
+    Letterbox,
+    decode_image,
+    letterbox,
+    network_input,
+    parse_onnx_metadata,
+    postprocess,
+)
 
 DETECTOR_OUTPUTS = ("DETECTIONS", "NUM_DETECTIONS", "IMAGE_SIZE", "MODEL_INFO")
 
@@ -183,8 +191,7 @@ class TritonPythonModel:
             padded, box = letterbox(img.pixels, self.imgsz, orig=(img.width, img.height))
             pixels.append(padded)
             boxes.append(box)
-        batch = np.stack(pixels).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-        return batch, boxes
+        return network_input(pixels), boxes
 
     def _execute_full(self, requests: list) -> list:
         if self.gate is None:

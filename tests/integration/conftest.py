@@ -14,6 +14,7 @@ import httpx
 import pytest
 import uvicorn
 
+from labelloop.bench_rig import LoopbackHTTPServer
 from labelloop.settings import Settings
 from ls_bridge.app import create_app
 from ls_bridge.geometry import PercentBox, percent_to_pixels
@@ -113,10 +114,8 @@ class _ImageHandler(http.server.SimpleHTTPRequestHandler):
         """Quiet: the tests count hits instead."""
 
 
-class ImageServer(http.server.ThreadingHTTPServer):
+class ImageServer(LoopbackHTTPServer):
     """A plain http server for task images on 127.0.0.1, counting the paths it was asked for."""
-
-    daemon_threads = True
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -125,24 +124,7 @@ class ImageServer(http.server.ThreadingHTTPServer):
         def handler(*args: object) -> _ImageHandler:
             return _ImageHandler(*args, directory=str(root))  # type: ignore[arg-type]
 
-        super().__init__(("127.0.0.1", 0), handler)
-        self._thread = threading.Thread(target=self.serve_forever, name="image-server", daemon=True)
+        super().__init__(handler, "image-server")
 
     def handle_error(self, request: object, client_address: object) -> None:
         """Quiet: clients that hang up early (size and time limits) are what the tests provoke."""
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.server_address[1]}"
-
-    def url(self, path: str) -> str:
-        return f"http://{self.host}/{path.lstrip('/')}"
-
-    def __enter__(self) -> ImageServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
-        self.server_close()
-        self._thread.join(timeout=10)

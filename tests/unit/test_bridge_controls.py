@@ -7,21 +7,11 @@ import logging
 import pytest
 
 from labelloop.errors import ConfigError
+from labelloop.studio import DEFECT_LABEL_CONFIG as SEED_CONFIG
 from ls_bridge.controls import RectangleLabelsModel, build_label_map, plan_for_config
 from serving.client import Detection, ImageDetections, ModelInfo
 
 CLASSES = ("dentado", "concave", "perforation")
-
-SEED_CONFIG = """
-<View>
-  <Image name="image" value="$image"/>
-  <RectangleLabels name="label" toName="image" model_score_threshold="0.25">
-    <Label value="dentado" background="#FFA39E"/>
-    <Label value="concave" background="#D4380D"/>
-    <Label value="perforation" background="#FFC069"/>
-  </RectangleLabels>
-</View>
-"""
 
 
 def _detections(*boxes: tuple[str, float, float, float, float, float]) -> ImageDetections:

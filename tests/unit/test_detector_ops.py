@@ -16,6 +16,7 @@ from serving.triton.detector_ops import (
     Letterbox,
     decode_image,
     letterbox,
+    network_input,
     nms,
     parse_onnx_metadata,
     postprocess,
@@ -345,3 +346,14 @@ def test_onnx_metadata_is_required() -> None:
     assert meta.names == ("a", "b") and meta.imgsz == (320, 256)
     with pytest.raises(ValueError, match="names"):
         parse_onnx_metadata({})
+
+
+def test_network_input_is_nchw_float32_in_unit_range_with_channels_kept() -> None:
+    first = np.zeros((4, 6, 3), np.uint8)
+    first[..., 0], first[..., 2] = 255, 51
+    second = np.full((4, 6, 3), 114, np.uint8)
+    batch = network_input([first, second])
+    assert batch.shape == (2, 3, 4, 6) and batch.dtype == np.float32
+    assert batch[0, 0].min() == 1.0 and batch[0, 1].max() == 0.0
+    assert batch[0, 2] == pytest.approx(np.full((4, 6), 0.2))
+    assert batch[1] == pytest.approx(np.full((3, 4, 6), 114 / 255))
