@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import httpx
 import numpy as np
@@ -53,10 +53,13 @@ from labelloop.bench_rig import (
 from labelloop.console import fail
 from labelloop.errors import ConfigError, InferenceError, LabelloopError
 from labelloop.settings import Settings, load_settings
-from serving.client import DetectorClient, ModelInfo
+from serving.client import STAGES, DetectorClient, ModelInfo
 from serving.control import load_served_version
 from serving.launcher import TritonProcess
 from serving.repository import ModelRepository
+
+if TYPE_CHECKING:
+    from serving.triton.detector_ops import Letterbox
 
 __all__ = ["FULL", "QUICK", "BenchPlan", "Harness", "Tally", "app", "metric_sum", "parse_metrics", "run_bench"]
 
@@ -65,8 +68,9 @@ app = typer.Typer(no_args_is_help=True)
 
 TRITON_CONCURRENCY = (1, 2, 4, 8)
 BRIDGE_TASKS = (1, 8, 64)
-# A pause before each block, so spinning thread pools of the previous method go idle first.
-SETTLE_S = 0.05
+# A pause before each block, so spinning thread pools of the previous method go idle first:
+# (a)'s default onnxruntime pool keeps one core spinning for about 45 ms after each run (measured).
+SETTLE_S = 0.1
 BRIDGE_START_S = 120.0
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)$")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
@@ -163,24 +167,26 @@ class Harness:
         self.triton_metrics_url = triton_metrics_url
         self.tally = Tally()
         self.monitor: ProcessMonitor | None = None
-        self._decode, self._letterbox, self._postprocess = decode_image, letterbox, postprocess
-        self._network_input = network_input
+        self._decode, self._letterbox, self._network_input = decode_image, letterbox, network_input
         self.session, self.input_name = _raw_session(onnx_path)
         self.seed_model = _seed_model(weights_path)
-        self.tensors = [self._tensor(image.data) for image in images]
-        self.raw_out = [self._raw(x)[0] for x in self.tensors]
+        prepared = [self._prepare(image.data) for image in images]
+        self.tensors = [tensor for tensor, _ in prepared]
+        self.tally.boxes["raw"] = [
+            len(postprocess(self._raw(tensor)[0], box, settings.conf, settings.iou)) for tensor, box in prepared
+        ]
         batch = settings.max_batch_size
         cycled = [self.tensors[k % len(self.tensors)] for k in range(batch)]
         self.raw_batch = np.concatenate(cycled)
         self._task_ids = iter(range(1, 10**9))
 
-    def _tensor(self, data: bytes) -> Tensor:
+    def _prepare(self, data: bytes) -> tuple[Tensor, Letterbox]:
         """Decode, letterbox and scale to NCHW float32, exactly as the Triton model does."""
         size = (self.imgsz, self.imgsz)
         img = self._decode(data, self.settings.max_image_bytes, self.settings.max_image_pixels, target=size)
-        padded, _ = self._letterbox(img.pixels, size, orig=(img.width, img.height))
+        padded, box = self._letterbox(img.pixels, size, orig=(img.width, img.height))
         tensor: Tensor = self._network_input([padded])
-        return tensor
+        return tensor, box
 
     def _raw(self, x: Tensor) -> Tensor:
         out: Tensor = self.session.run(None, {self.input_name: x})[0]
@@ -215,7 +221,7 @@ class Harness:
             "latency seed": self._latency_seed,
             "latency triton": lambda: self._latency_triton(detector),
             "latency bridge": lambda: self._latency_bridge(http),
-            "stages": self._stage_ops,
+            "stages": lambda: self._stages(detector),
             f"raw batch {self.settings.max_batch_size}": self._raw_batches,
         }
         for c in TRITON_CONCURRENCY[1:]:
@@ -267,29 +273,18 @@ class Harness:
                 self.tally.boxes["bridge"].append(len(results[0]["result"]))
             self._count(("bridge", "1 task/request"), len(self.images), started)
         after = parse_metrics((await http.get("/metrics")).text)
-        for stage in ("fetch", "infer", "format"):
+        for stage in ("fetch", "format"):
             for i, suffix in enumerate(("_sum", "_count")):
                 name = "labelloop_bridge_stage_seconds" + suffix
                 delta = metric_sum(after, name, stage=stage) - metric_sum(before, name, stage=stage)
                 self.tally.bridge_stages[stage][i] += delta
 
-    async def _stage_ops(self) -> None:
-        """Decode, preprocess and NMS with the Triton model's own functions, on the same images."""
-        s = self.settings
-        size = (self.imgsz, self.imgsz)
-        for k, image in enumerate(self.images):
-            t0 = time.perf_counter()
-            img = self._decode(image.data, s.max_image_bytes, s.max_image_pixels, target=size)
-            t1 = time.perf_counter()
-            padded, box = self._letterbox(img.pixels, size, orig=(img.width, img.height))
-            self._network_input([padded])
-            t2 = time.perf_counter()
-            dets = self._postprocess(self.raw_out[k], box, s.conf, s.iou)
-            t3 = time.perf_counter()
-            self.tally.stages["decode"].append(t1 - t0)
-            self.tally.stages["preprocess"].append(t2 - t1)
-            self.tally.stages["nms"].append(t3 - t2)
-            self.tally.boxes["raw"].append(len(dets))
+    async def _stages(self, detector: DetectorClient) -> None:
+        """Decode, preprocess, infer and NMS by the Triton model's own clock, one lone request per image."""
+        for image in self.images:
+            found = await detector.detect(image.data, stages=True)
+            for name in (*STAGES, "round_trip"):
+                self.tally.stages[name].append(found.stats[f"{name}_s"])
 
     async def _raw_batches(self) -> None:
         batch = self.settings.max_batch_size

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from serving.client import STAGES
+
 if TYPE_CHECKING:
     from labelloop.bench import Harness
     from labelloop.bench_rig import ProcessMonitor
@@ -54,14 +56,15 @@ TARGETS: dict[str, tuple[str, float]] = {
     "bridge_peak_rss_mb": ("<", 300.0),
 }
 
+_IN_MODEL = "the Triton model's own clock (STAGE_MS), lone requests"
 _STAGE_SOURCES: list[tuple[str, str, str]] = [
     ("fetch", "bridge", "bridge /metrics (stage=fetch), 1-task requests"),
-    ("decode", "Triton model", "detector_ops.decode_image on the bench images, bench process"),
-    ("preprocess", "Triton model", "detector_ops.letterbox + NCHW float32 / 255, bench process"),
-    ("infer", "Triton model", "(a) raw session.run, batch 1"),
-    ("nms", "Triton model", "detector_ops.postprocess (NMS + un-letterbox) on (a)'s outputs, bench process"),
-    ("triton round trip", "bridge -> Triton", "bridge /metrics (stage=infer): gRPC + queue + all of the above"),
-    ("transport", "gRPC + python backend", "triton round trip - (decode + preprocess + infer + nms), derived"),
+    ("decode", "Triton model", _IN_MODEL),
+    ("preprocess", "Triton model", f"letterbox + NCHW float32 / 255: {_IN_MODEL}"),
+    ("infer", "Triton model", f"onnxruntime session.run: {_IN_MODEL}; (a) times the same call back to back"),
+    ("nms", "Triton model", f"NMS + un-letterbox: {_IN_MODEL}"),
+    ("triton round trip", "bench -> Triton", "DetectorClient.detect of the same requests: gRPC + all of the above"),
+    ("transport", "gRPC + python backend", "triton round trip - (decode + preprocess + infer + nms), per request"),
     ("format", "bridge", "bridge /metrics (stage=format): detections to Label Studio regions"),
     ("json", "bridge", "PredictResponse model_dump + json.dumps of a real response, per task, bench process"),
 ]
@@ -78,18 +81,16 @@ def _ms(samples: list[float]) -> dict[str, float]:
     }
 
 
-def _stages(harness: Harness, latency: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+def _stages(harness: Harness) -> list[dict[str, Any]]:
     tally = harness.tally
-    mean = {name: statistics.fmean(values) * 1e3 for name, values in tally.stages.items()}
+    mean = {name: statistics.fmean(values) * 1e3 for name, values in tally.stages.items() if values}
     for stage, (seconds, count) in tally.bridge_stages.items():
-        key = "triton round trip" if stage == "infer" else stage
-        mean[key] = seconds / count * 1e3 if count else float("nan")
-    mean["infer"] = latency["raw"]["mean"]
+        mean[stage] = seconds / count * 1e3 if count else float("nan")
     mean["json"] = statistics.fmean(tally.json_s_per_task) * 1e3 if tally.json_s_per_task else float("nan")
-    inside = sum(mean[k] for k in ("decode", "preprocess", "infer", "nms"))
-    mean["transport"] = mean["triton round trip"] - inside
+    mean["triton round trip"] = mean.pop("round_trip", float("nan"))
+    mean["transport"] = mean["triton round trip"] - sum(mean.get(k, float("nan")) for k in STAGES)
     return [
-        {"stage": stage, "ms": round(mean[stage], 3), "runs_in": where, "measured": how}
+        {"stage": stage, "ms": round(mean.get(stage, float("nan")), 3), "runs_in": where, "measured": how}
         for stage, where, how in _STAGE_SOURCES
     ]
 
@@ -199,7 +200,7 @@ def build_report(
         "boxes_per_image": {m: round(statistics.fmean(tally.boxes[m]), 2) for m in METHODS if tally.boxes[m]},
         "throughput_images_per_s": throughput,
         "peak_rss_mb": peak,
-        "stages_ms": _stages(harness, latency),
+        "stages_ms": _stages(harness),
         "per_load": _per_load(harness, throughput),
         "ratios": ratios,
         "ratio_definitions": RATIO_DEFINITIONS,

@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 IMAGE_INPUT = "IMAGE"
 OUTPUTS = ("DETECTIONS", "NUM_DETECTIONS", "IMAGE_SIZE", "MODEL_INFO")
+# STAGE_MS columns: where the one-model variant spent an image's time, by its own clock.
+STAGES = ("decode", "preprocess", "infer", "nms")
 _RETRYABLE = {"StatusCode.UNAVAILABLE"}
 _IMAGE_FAULT = "INVALID_ARG"
 
@@ -62,7 +64,11 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class ImageDetections:
-    """All detections for one image, with the version that produced them."""
+    """All detections for one image, with the version that produced them.
+
+    ``stats`` holds ``round_trip_s`` (this client's clock) and, from ``detect(stages=True)``,
+    ``decode_s``, ``preprocess_s``, ``infer_s``, ``nms_s`` (the Triton model's clock).
+    """
 
     width: int
     height: int
@@ -159,8 +165,13 @@ class DetectorClient:
                 delay *= 2
         raise AssertionError("unreachable")
 
-    async def detect(self, image: bytes, conf: float | None = None, iou: float | None = None) -> ImageDetections:
-        """Detect on one encoded image (one request, so a bad image fails alone)."""
+    async def detect(
+        self, image: bytes, conf: float | None = None, iou: float | None = None, stages: bool = False
+    ) -> ImageDetections:
+        """Detect on one encoded image (one request, so a bad image fails alone).
+
+        ``stages`` also asks the model for its own per-stage times (the python variant has them).
+        """
         tensor = grpcclient.InferInput(IMAGE_INPUT, [1, 1], "BYTES")
         tensor.set_data_from_numpy(np.array([[image]], dtype=np.object_))
         params: dict[str, Any] = {}
@@ -168,7 +179,7 @@ class DetectorClient:
             params["score_threshold"] = float(conf)
         if iou is not None:
             params["iou_threshold"] = float(iou)
-        outputs = [grpcclient.InferRequestedOutput(n) for n in OUTPUTS]
+        outputs = [grpcclient.InferRequestedOutput(n) for n in ((*OUTPUTS, "STAGE_MS") if stages else OUTPUTS)]
         async with self._slots:
             started = time.perf_counter()
             result = await self._call(
@@ -185,6 +196,10 @@ class DetectorClient:
         n = int(result.as_numpy("NUM_DETECTIONS")[0, 0])
         rows = result.as_numpy("DETECTIONS")[0, :n]
         width, height = (int(v) for v in result.as_numpy("IMAGE_SIZE")[0])
+        stats = {"round_trip_s": elapsed}
+        if stages:
+            stage_ms = result.as_numpy("STAGE_MS")[0]
+            stats |= {f"{name}_s": float(ms) / 1e3 for name, ms in zip(STAGES, stage_ms, strict=True)}
         detections = [
             Detection(
                 label=names[int(c)] if 0 <= int(c) < len(names) else str(int(c)),
@@ -202,7 +217,7 @@ class DetectorClient:
             height=height,
             model=model,
             detections=detections,
-            stats={"infer_s": elapsed},
+            stats=stats,
         )
 
     async def detect_many(

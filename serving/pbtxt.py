@@ -47,6 +47,8 @@ _DETECTOR_OUT = [
     ("IMAGE_SIZE", "TYPE_INT32", "2"),
     ("MODEL_INFO", "TYPE_STRING", "1"),
 ]
+# Per-image decode / preprocess / infer / NMS milliseconds, timed inside the one-model variant.
+_STAGES_OUT = [("STAGE_MS", "TYPE_FP32", "4")]
 
 
 def _batching(cfg: DetectorConfig) -> str:
@@ -75,7 +77,7 @@ def render_python(cfg: DetectorConfig) -> str:
         f'name: "{cfg.name}"\nbackend: "python"\n'
         + _batching(cfg)
         + _tensors("input", _IMAGE_IN)
-        + _tensors("output", _DETECTOR_OUT)
+        + _tensors("output", _DETECTOR_OUT + _STAGES_OUT)
         + _instances(cfg)
         # Serve only the newest version that loads; older ones stay on disk for rollback.
         + "version_policy: { latest: { num_versions: 1 } }\n"

@@ -5,7 +5,9 @@ One file, four roles, chosen by the config parameter ``stage``:
 ``full`` (the default runtime): everything in one model.
     IMAGE TYPE_STRING [B,1] -> DETECTIONS FP32 [B,N,6] (x1,y1,x2,y2,score,class_id; padded to the
     request's largest N), NUM_DETECTIONS INT32 [B,1], IMAGE_SIZE INT32 [B,2] (width, height after
-    EXIF), MODEL_INFO TYPE_STRING [B,1] (JSON names/imgsz/version; computed only when requested).
+    EXIF), MODEL_INFO TYPE_STRING [B,1] (JSON names/imgsz/version; computed only when requested),
+    STAGE_MS FP32 [B,4] (this image's decode, preprocess, infer and NMS milliseconds, timed here; a
+    batch's infer time is shared evenly; only when requested, for ``labelloop bench``).
 ``preprocess`` / ``infer`` / ``postprocess``: the steps of the ensemble variant. On NVIDIA's
     container ``infer`` is replaced by the ONNX on the ``onnxruntime_onnx`` backend.
 
@@ -25,6 +27,7 @@ import fcntl
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,7 +45,9 @@ from detector_ops import (
     postprocess,
 )
 
-DETECTOR_OUTPUTS = ("DETECTIONS", "NUM_DETECTIONS", "IMAGE_SIZE", "MODEL_INFO")
+DETECTOR_OUTPUTS = ("DETECTIONS", "NUM_DETECTIONS", "IMAGE_SIZE", "MODEL_INFO", "STAGE_MS")
+# Sent only to a client that asks for them by name.
+ON_REQUEST = frozenset({"MODEL_INFO", "STAGE_MS"})
 
 
 def _param(config: dict, key: str, default: str) -> str:
@@ -179,19 +184,27 @@ class TritonPythonModel:
             raise ImageRejected(f"score_threshold {conf} / iou_threshold {iou} out of range")
         return conf, iou
 
-    def _decode(self, request) -> tuple[np.ndarray, list[Letterbox]]:
-        """All images of one request, letterboxed to one float32 NCHW batch."""
+    def _decode(self, request) -> tuple[np.ndarray, list[Letterbox], np.ndarray]:
+        """All images of one request, letterboxed to one float32 NCHW batch, with each image's
+        decode and preprocess seconds (STAGE_MS)."""
         blobs = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)
         pixels, boxes = [], []
+        clock = np.zeros((len(blobs), 2))
         for k, blob in enumerate(blobs):
+            started = time.perf_counter()
             try:
                 img = decode_image(bytes(blob), self.max_bytes, self.max_pixels, target=self.imgsz)
             except ImageRejected as exc:
                 raise ImageRejected(f"image {k}: {exc}" if len(blobs) > 1 else str(exc)) from exc
+            decoded = time.perf_counter()
             padded, box = letterbox(img.pixels, self.imgsz, orig=(img.width, img.height))
+            clock[k] = decoded - started, time.perf_counter() - decoded
             pixels.append(padded)
             boxes.append(box)
-        return network_input(pixels), boxes
+        started = time.perf_counter()
+        batch = network_input(pixels)
+        clock[:, 1] += (time.perf_counter() - started) / len(blobs)
+        return batch, boxes, clock
 
     def _execute_full(self, requests: list) -> list:
         if self.gate is None:
@@ -207,22 +220,32 @@ class TritonPythonModel:
             except ImageRejected as exc:
                 prepared.append(exc)
         batches = [item[0] for item in prepared if not isinstance(item, Exception)]
+        infer_s = 0.0
         if not batches:
             raw = np.empty((0,), np.float32)
         else:
+            started = time.perf_counter()
             raw = self._infer(batches[0] if len(batches) == 1 else np.concatenate(batches), alone)
+            infer_s = (time.perf_counter() - started) / len(raw)
         responses, offset = [], 0
         for request, item in zip(requests, prepared, strict=True):
             if isinstance(item, Exception):
                 responses.append(_error(str(item)))
                 continue
-            _, boxes, conf, iou = item
-            dets = [postprocess(raw[offset + k], box, conf, iou, self.max_det) for k, box in enumerate(boxes)]
+            _, boxes, clock, conf, iou = item
+            dets, nms_s = [], []
+            for k, box in enumerate(boxes):
+                started = time.perf_counter()
+                dets.append(postprocess(raw[offset + k], box, conf, iou, self.max_det))
+                nms_s.append(time.perf_counter() - started)
             offset += len(boxes)
-            responses.append(self._detections(request, dets, boxes))
+            stages = np.column_stack([clock, np.full(len(boxes), infer_s), nms_s]) * 1e3
+            responses.append(self._detections(request, dets, boxes, stages))
         return responses
 
-    def _detections(self, request, dets: list[np.ndarray], boxes: list[Letterbox]) -> object:
+    def _detections(
+        self, request, dets: list[np.ndarray], boxes: list[Letterbox], stages: np.ndarray | None = None
+    ) -> object:
         n_max = max((len(d) for d in dets), default=0)
         out = np.zeros((len(dets), n_max, 6), np.float32)
         for k, d in enumerate(dets):
@@ -233,13 +256,15 @@ class TritonPythonModel:
             "IMAGE_SIZE": np.array([[b.orig_w, b.orig_h] for b in boxes], np.int32),
             "MODEL_INFO": np.array([[self.info]] * len(dets), dtype=np.object_),
         }
-        wanted = set(request.requested_output_names()) or set(DETECTOR_OUTPUTS) - {"MODEL_INFO"}
+        if stages is not None:
+            values["STAGE_MS"] = stages.astype(np.float32)
+        wanted = set(request.requested_output_names()) or set(DETECTOR_OUTPUTS) - ON_REQUEST
         return pb_utils.InferenceResponse(
-            output_tensors=[pb_utils.Tensor(n, values[n]) for n in DETECTOR_OUTPUTS if n in wanted]
+            output_tensors=[pb_utils.Tensor(n, values[n]) for n in DETECTOR_OUTPUTS if n in wanted and n in values]
         )
 
     def _preprocess(self, request) -> object:
-        batch, boxes = self._decode(request)
+        batch, boxes, _ = self._decode(request)
         meta = np.array([[b.orig_w, b.orig_h, b.new_w, b.new_h, b.left, b.top] for b in boxes], np.int32)
         return pb_utils.InferenceResponse(
             output_tensors=[pb_utils.Tensor("PIXELS", batch), pb_utils.Tensor("LETTERBOX", meta)]

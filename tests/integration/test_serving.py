@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from labelloop.cli import app
 from labelloop.errors import ImageError, TritonUnavailableError
-from serving.client import DetectorClient, ImageDetections
+from serving.client import STAGES, DetectorClient, ImageDetections
 from serving.publish import make_client, publish_weights
 from serving.repository import ModelCard, ModelRepository
 from tests.conftest import TEST_IMGSZ, TritonHandle
@@ -132,6 +132,22 @@ def test_bad_images_fail_alone(triton_server: TritonHandle, demo_dataset: Path) 
     assert isinstance(results[2], ImageError) and "decode" in str(results[2])
     assert isinstance(results[3], ImageError) and "pixels" in str(results[3])
     assert isinstance(results[4], ImageError)
+
+
+def test_the_model_times_its_own_stages_when_asked(triton_server: TritonHandle, demo_dataset: Path) -> None:
+    image = next((demo_dataset.parent / "images" / "val").glob("*.jpg")).read_bytes()
+
+    async def run() -> tuple[ImageDetections, ImageDetections]:
+        async with make_client(triton_server.settings) as client:
+            return await client.detect(image, stages=True), await client.detect(image)
+
+    timed, plain = asyncio.run(run())
+    assert timed.detections == plain.detections
+    assert set(plain.stats) == {"round_trip_s"}, "stage times are sent only to a client that asks"
+    stages = {name: timed.stats[f"{name}_s"] for name in STAGES}
+    assert all(seconds > 0 for seconds in stages.values()), stages
+    assert stages["infer"] == max(stages.values()), stages
+    assert sum(stages.values()) < timed.stats["round_trip_s"]
 
 
 def test_cli_detect_reports_bad_files_and_goes_on(triton_server: TritonHandle, tmp_path: Path) -> None:

@@ -61,8 +61,10 @@ def _fake_run() -> tuple[Any, Any]:
         tally.work[("bridge", f"{tasks} tasks/request" if tasks > 1 else "1 task/request")] = [ips, 1.0]
     tally.work[("seed", "1 image at a time")] = [40, 1.0]
     for stage in ("decode", "preprocess", "nms"):
-        tally.stages[stage] = [0.001]
-    tally.bridge_stages.update({"fetch": [0.02, 10], "infer": [0.15, 10], "format": [0.001, 10]})
+        tally.stages[stage] = [0.0005, 0.0015]
+    tally.stages["infer"] = [0.010]
+    tally.stages["round_trip"] = [0.014, 0.016]
+    tally.bridge_stages.update({"fetch": [0.02, 10], "format": [0.001, 10]})
     tally.json_s_per_task = [0.0001]
     tally.cpu["bridge 64 tasks/request"].update({"bridge": 0.18, "tritonserver": 0.01, "tritonserver children": 1.6})
     tally.cpu_images["bridge 64 tasks/request"] = 90

@@ -20,7 +20,8 @@ def test_python_variant() -> None:
     assert cfg.backend == "python" and cfg.max_batch_size == 4
     assert [i.name for i in cfg.input] == ["IMAGE"]
     assert cfg.input[0].data_type == model_config_pb2.TYPE_STRING
-    assert [o.name for o in cfg.output] == ["DETECTIONS", "NUM_DETECTIONS", "IMAGE_SIZE", "MODEL_INFO"]
+    assert [o.name for o in cfg.output] == ["DETECTIONS", "NUM_DETECTIONS", "IMAGE_SIZE", "MODEL_INFO", "STAGE_MS"]
+    assert list(cfg.output[-1].dims) == [4]
     assert cfg.instance_group[0].count == 3
     assert cfg.version_policy.latest.num_versions == 1
     assert cfg.parameters["score_threshold"].string_value == "0.3"
