@@ -9,7 +9,8 @@ run in a fresh shuffled order each round, so background load and warm caches hit
              decode + letterbox + onnxruntime + NMS inside Triton, boxes back;
 (c) bridge   ``POST /predict`` with Label Studio-shaped tasks whose images come from a loopback
              HTTP server: fetch, Triton, Label Studio regions, JSON;
-(d) seed     ``YOLO(weights.pt).predict`` in-process, one image at a time (the model loaded once).
+(d) seed     ``YOLO(weights.pt).predict`` in-process, one image at a time (the model loaded once,
+             torch on every physical core).
 
 Ratios and their definitions live in :mod:`labelloop.bench_report`.
 """
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import httpx
 import numpy as np
 import numpy.typing as npt
+import psutil
 import typer
 from tqdm import tqdm
 
@@ -169,7 +171,7 @@ class Harness:
         self.monitor: ProcessMonitor | None = None
         self._decode, self._letterbox, self._network_input = decode_image, letterbox, network_input
         self.session, self.input_name = _raw_session(onnx_path)
-        self.seed_model = _seed_model(weights_path)
+        self.seed_model, self.seed_threads = _seed_model(weights_path)
         prepared = [self._prepare(image.data) for image in images]
         self.tensors = [tensor for tensor, _ in prepared]
         self.tally.boxes["raw"] = [
@@ -407,13 +409,19 @@ def _raw_session(onnx_path: Path) -> tuple[Any, str]:
     return session, session.get_inputs()[0].name
 
 
-def _seed_model(weights: Path) -> Any:
-    """Method (d): the seed's ultralytics model, loaded once (the seed reloaded it per request)."""
+def _seed_model(weights: Path) -> tuple[Any, int]:
+    """Method (d): the seed's ultralytics model, loaded once (the seed reloaded it per request), and its threads.
+
+    Importing ultralytics sets OMP_NUM_THREADS=1 when it is unset, which leaves torch one thread. The
+    reference gets torch's usual one thread per physical core instead, as (a) gets onnxruntime's.
+    """
     try:
+        import torch
         from ultralytics import YOLO
     except ImportError as exc:
         raise ConfigError("the seed comparison needs ultralytics: pip install 'labelloop[train]'") from exc
-    return YOLO(str(weights), task="detect")
+    torch.set_num_threads(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+    return YOLO(str(weights), task="detect"), torch.get_num_threads()
 
 
 async def _measure(harness: Harness, detector: DetectorClient, bridge_url: str, bar: tqdm) -> None:

@@ -33,7 +33,7 @@ METHODS: dict[str, str] = {
     "bridge": "(c) POST /predict to the bridge process with one Label Studio task per image (http image URL on a "
     "loopback server): fetch, Triton, Label Studio regions, JSON; timed until the parsed response",
     "seed": "(d) ultralytics YOLO(weights.pt).predict(PIL image from the bytes) in-process, one image at a time, "
-    "the model loaded once (the seed reloaded it per request: not charged here)",
+    "torch on every physical core, the model loaded once (the seed reloaded it per request: not charged here)",
 }
 
 RATIO_DEFINITIONS: dict[str, str] = {
@@ -194,6 +194,7 @@ def build_report(
                 "conf": settings.conf,
                 "iou": settings.iou,
             },
+            "seed_torch_threads": harness.seed_threads,
         },
         "methods": METHODS,
         "latency_ms": latency,
@@ -233,7 +234,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{s['rounds']} rounds, {report['duration_s']:.0f} s.",
         f"Serving: {cfg['instance_count']} instance(s) x {cfg['ort_threads'] or 'all'} onnxruntime thread(s), "
         f"max batch {cfg['max_batch_size']}, batch delay {cfg['batch_delay_us']} us; bridge fetch concurrency "
-        f"{cfg['fetch_concurrency']}, Triton concurrency {cfg['triton_concurrency']}.",
+        f"{cfg['fetch_concurrency']}, Triton concurrency {cfg['triton_concurrency']}; seed: torch on "
+        f"{s['seed_torch_threads']} thread(s).",
         "",
     ]
     names = {"raw": "(a) raw onnxruntime", "triton": "(b) Triton gRPC", "bridge": "(c) bridge /predict"}

@@ -84,6 +84,7 @@ def _fake_run() -> tuple[Any, Any]:
         imgsz=320,
         images=[BenchImage("img000.jpg", b"x" * 2048, 640, 480), BenchImage("img001.jpg", b"x" * 1024, 320, 320)],
         plan=BenchPlan(images=2, rounds=1, block_images=64),
+        seed_threads=2,
     )
     monitor = SimpleNamespace(peak_mb={"bridge": 180.0, "tritonserver": 260.0}, processes={"tritonserver": 2})
     return harness, monitor
