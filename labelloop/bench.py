@@ -171,7 +171,8 @@ class Harness:
         self.monitor: ProcessMonitor | None = None
         self._decode, self._letterbox, self._network_input = decode_image, letterbox, network_input
         self.session, self.input_name = _raw_session(onnx_path)
-        self.seed_model, self.seed_threads = _seed_model(weights_path)
+        self.seed_model = _seed_model(weights_path, self.imgsz)
+        self.seed_threads = 0
         prepared = [self._prepare(image.data) for image in images]
         self.tensors = [tensor for tensor, _ in prepared]
         self.tally.boxes["raw"] = [
@@ -246,6 +247,8 @@ class Harness:
         self._count(("raw", "batch 1"), len(self.images), started)
 
     async def _latency_seed(self) -> None:
+        import torch
+
         started = time.perf_counter()
         for image in self.images:
             t0 = time.perf_counter()
@@ -253,6 +256,7 @@ class Harness:
             self.tally.latency["seed"].append(time.perf_counter() - t0)
             self.tally.boxes["seed"].append(boxes)
         self._count(("seed", "1 image at a time"), len(self.images), started)
+        self.seed_threads = torch.get_num_threads()  # what the timed calls ran on
 
     async def _latency_triton(self, detector: DetectorClient) -> None:
         async with self._window("triton concurrency 1", len(self.images)):
@@ -409,19 +413,22 @@ def _raw_session(onnx_path: Path) -> tuple[Any, str]:
     return session, session.get_inputs()[0].name
 
 
-def _seed_model(weights: Path) -> tuple[Any, int]:
-    """Method (d): the seed's ultralytics model, loaded once (the seed reloaded it per request), and its threads.
+def _seed_model(weights: Path, imgsz: int) -> Any:
+    """Method (d): the seed's ultralytics model, loaded once (the seed reloaded it per request), on every core.
 
-    Importing ultralytics sets OMP_NUM_THREADS=1 when it is unset, which leaves torch one thread. The
-    reference gets torch's usual one thread per physical core instead, as (a) gets onnxruntime's.
+    ultralytics sets torch to one thread fewer than the cores when it builds its predictor (one thread
+    on two cores). The predictor is built first, then the reference gets torch's usual one thread per
+    physical core, as (a) gets onnxruntime's defaults.
     """
     try:
         import torch
         from ultralytics import YOLO
     except ImportError as exc:
         raise ConfigError("the seed comparison needs ultralytics: pip install 'labelloop[train]'") from exc
+    model = YOLO(str(weights), task="detect")
+    model.predict(np.zeros((imgsz, imgsz, 3), np.uint8), imgsz=imgsz, device="cpu", verbose=False)
     torch.set_num_threads(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
-    return YOLO(str(weights), task="detect"), torch.get_num_threads()
+    return model
 
 
 async def _measure(harness: Harness, detector: DetectorClient, bridge_url: str, bar: tqdm) -> None:

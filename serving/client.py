@@ -170,7 +170,8 @@ class DetectorClient:
     ) -> ImageDetections:
         """Detect on one encoded image (one request, so a bad image fails alone).
 
-        ``stages`` also asks the model for its own per-stage times (the python variant has them).
+        ``stages`` also asks the model for its own per-stage times: the one-model python variant has
+        them; the ensemble variant refuses the request (an ``InferenceError``).
         """
         tensor = grpcclient.InferInput(IMAGE_INPUT, [1, 1], "BYTES")
         tensor.set_data_from_numpy(np.array([[image]], dtype=np.object_))

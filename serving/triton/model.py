@@ -224,8 +224,9 @@ class TritonPythonModel:
         if not batches:
             raw = np.empty((0,), np.float32)
         else:
+            batch = batches[0] if len(batches) == 1 else np.concatenate(batches)
             started = time.perf_counter()
-            raw = self._infer(batches[0] if len(batches) == 1 else np.concatenate(batches), alone)
+            raw = self._infer(batch, alone)
             infer_s = (time.perf_counter() - started) / len(raw)
         responses, offset = [], 0
         for request, item in zip(requests, prepared, strict=True):
