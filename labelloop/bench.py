@@ -10,7 +10,7 @@ run in a fresh shuffled order each round, so background load and warm caches hit
 (c) bridge   ``POST /predict`` with Label Studio-shaped tasks whose images come from a loopback
              HTTP server: fetch, Triton, Label Studio regions, JSON;
 (d) seed     ``YOLO(weights.pt).predict`` in-process, one image at a time (the model loaded once,
-             torch on every physical core).
+             torch on the threads ultralytics chooses).
 
 Ratios and their definitions live in :mod:`labelloop.bench_report`.
 """
@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 import httpx
 import numpy as np
 import numpy.typing as npt
-import psutil
 import typer
 from tqdm import tqdm
 
@@ -171,7 +170,7 @@ class Harness:
         self.monitor: ProcessMonitor | None = None
         self._decode, self._letterbox, self._network_input = decode_image, letterbox, network_input
         self.session, self.input_name = _raw_session(onnx_path)
-        self.seed_model = _seed_model(weights_path, self.imgsz)
+        self.seed_model = _seed_model(weights_path)
         self.seed_threads = 0
         prepared = [self._prepare(image.data) for image in images]
         self.tensors = [tensor for tensor, _ in prepared]
@@ -413,22 +412,17 @@ def _raw_session(onnx_path: Path) -> tuple[Any, str]:
     return session, session.get_inputs()[0].name
 
 
-def _seed_model(weights: Path, imgsz: int) -> Any:
-    """Method (d): the seed's ultralytics model, loaded once (the seed reloaded it per request), on every core.
+def _seed_model(weights: Path) -> Any:
+    """Method (d): the seed's ultralytics model, loaded once (the seed reloaded it per request).
 
-    ultralytics sets torch to one thread fewer than the cores when it builds its predictor (one thread
-    on two cores). The predictor is built first, then the reference gets torch's usual one thread per
-    physical core, as (a) gets onnxruntime's defaults.
+    Threads stay ultralytics' own, as (a) keeps onnxruntime's defaults: its predictor sets torch to one
+    thread fewer than the cores (one on two cores), which is what the seed's backend ran with.
     """
     try:
-        import torch
         from ultralytics import YOLO
     except ImportError as exc:
         raise ConfigError("the seed comparison needs ultralytics: pip install 'labelloop[train]'") from exc
-    model = YOLO(str(weights), task="detect")
-    model.predict(np.zeros((imgsz, imgsz, 3), np.uint8), imgsz=imgsz, device="cpu", verbose=False)
-    torch.set_num_threads(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
-    return model
+    return YOLO(str(weights), task="detect")
 
 
 async def _measure(harness: Harness, detector: DetectorClient, bridge_url: str, bar: tqdm) -> None:

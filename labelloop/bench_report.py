@@ -33,7 +33,8 @@ METHODS: dict[str, str] = {
     "bridge": "(c) POST /predict to the bridge process with one Label Studio task per image (http image URL on a "
     "loopback server): fetch, Triton, Label Studio regions, JSON; timed until the parsed response",
     "seed": "(d) ultralytics YOLO(weights.pt).predict(PIL image from the bytes) in-process, one image at a time, "
-    "torch on every physical core, the model loaded once (the seed reloaded it per request: not charged here)",
+    "torch on the threads ultralytics chooses, the model loaded once (the seed reloaded it per request: "
+    "not charged here)",
 }
 
 RATIO_DEFINITIONS: dict[str, str] = {
