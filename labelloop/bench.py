@@ -155,7 +155,7 @@ class Harness:
         onnx_path: Path,
         weights_path: Path,
     ) -> None:
-        from serving.triton.detector_ops import decode_image, letterbox, network_input, postprocess
+        from serving.triton.detector_ops import postprocess
 
         self.settings = settings
         self.plan = plan
@@ -168,7 +168,6 @@ class Harness:
         self.triton_metrics_url = triton_metrics_url
         self.tally = Tally()
         self.monitor: ProcessMonitor | None = None
-        self._decode, self._letterbox, self._network_input = decode_image, letterbox, network_input
         self.session, self.input_name = _raw_session(onnx_path)
         self.seed_model = _seed_model(weights_path)
         self.seed_threads = 0
@@ -184,10 +183,12 @@ class Harness:
 
     def _prepare(self, data: bytes) -> tuple[Tensor, Letterbox]:
         """Decode, letterbox and scale to NCHW float32, exactly as the Triton model does."""
+        from serving.triton.detector_ops import decode_image, letterbox, network_input
+
         size = (self.imgsz, self.imgsz)
-        img = self._decode(data, self.settings.max_image_bytes, self.settings.max_image_pixels, target=size)
-        padded, box = self._letterbox(img.pixels, size, orig=(img.width, img.height))
-        tensor: Tensor = self._network_input([padded])
+        img = decode_image(data, self.settings.max_image_bytes, self.settings.max_image_pixels, target=size)
+        padded, box = letterbox(img.pixels, size, orig=(img.width, img.height))
+        tensor: Tensor = network_input([padded])
         return tensor, box
 
     def _raw(self, x: Tensor) -> Tensor:

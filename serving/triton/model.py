@@ -5,7 +5,7 @@ One file, four roles, chosen by the config parameter ``stage``:
 ``full`` (the default runtime): everything in one model.
     IMAGE TYPE_STRING [B,1] -> DETECTIONS FP32 [B,N,6] (x1,y1,x2,y2,score,class_id; padded to the
     request's largest N), NUM_DETECTIONS INT32 [B,1], IMAGE_SIZE INT32 [B,2] (width, height after
-    EXIF), MODEL_INFO TYPE_STRING [B,1] (JSON names/imgsz/version; computed only when requested),
+    EXIF), MODEL_INFO TYPE_STRING [B,1] (JSON names/imgsz/version; sent only when requested),
     STAGE_MS FP32 [B,4] (this image's decode, preprocess, infer and NMS milliseconds, timed here; a
     batch's infer time is shared evenly; only when requested, for ``labelloop bench``).
 ``preprocess`` / ``infer`` / ``postprocess``: the steps of the ensemble variant. On NVIDIA's
