@@ -1,5 +1,5 @@
 """``python -m labelloop`` runs the CLI."""
 
-from labelloop.cli import app
+from labelloop.cli import run
 
-app(prog_name="labelloop")
+run()

@@ -469,6 +469,7 @@ def run_bench(settings: Settings, plan: BenchPlan) -> dict[str, Any]:
         root = Path(tmp)
         bar.set_postfix_str("images")
         repo, version = private_repository(settings, root / "model_repository")
+        precision = repo.card(settings.model_name, version).precision
         images = render_images(plan.images, plan.seed)
         server = stack.enter_context(ImageServer(images))
         bar.update()
@@ -536,6 +537,7 @@ def run_bench(settings: Settings, plan: BenchPlan) -> dict[str, Any]:
         monitor=monitor,
         machine=machine_info() | {"load_average_before": load_before, "load_average_after": os.getloadavg()},
         version=version,
+        precision=precision,
         duration_s=time.perf_counter() - started,
     )
 

@@ -140,7 +140,12 @@ def _check(value: float, comparison: str, bound: float) -> bool:
 
 
 def build_report(
-    harness: Harness, monitor: ProcessMonitor, machine: dict[str, Any], version: int, duration_s: float
+    harness: Harness,
+    monitor: ProcessMonitor,
+    machine: dict[str, Any],
+    version: int,
+    precision: str,
+    duration_s: float,
 ) -> dict[str, Any]:
     """Everything the bench measured, JSON-ready, with the ratios and whether the targets hold."""
     tally, settings, info = harness.tally, harness.settings, harness.info
@@ -177,6 +182,7 @@ def build_report(
             "model": info.name,
             "version": version,
             "imgsz": harness.imgsz,
+            "precision": precision,
             "classes": info.classes,
             "provider": info.provider,
             "images": len(harness.images),
@@ -230,7 +236,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Machine: {m['cpu_model']}, {m['cores_physical']} cores ({m['cores_logical']} logical), "
         f"{m['memory_gib']} GiB, no GPU; load average {m['load_average_before'][0]:.2f} before, "
         f"{m['load_average_after'][0]:.2f} after (1 min).",
-        f"Model: {s['model']} v{s['version']}, imgsz {s['imgsz']}, {len(s['classes'])} classes, {s['provider']}; "
+        f"Model: {s['model']} v{s['version']}, imgsz {s['imgsz']}, {s['precision']}, {len(s['classes'])} classes, "
+        f"{s['provider']}; "
         f"{s['images']} JPEG images ({s['image_pixels']} pixels, median {s['image_kb_median']} KB), "
         f"{s['rounds']} rounds, {report['duration_s']:.0f} s.",
         f"Serving: {cfg['instance_count']} instance(s) x {cfg['ort_threads'] or 'all'} onnxruntime thread(s), "

@@ -15,7 +15,7 @@ from ls_bridge import cli as bridge_cli
 from serving import cli as serving_cli
 from trainer import cli as trainer_cli
 
-__all__ = ["app"]
+__all__ = ["app", "run"]
 
 app = typer.Typer(
     name="labelloop",
@@ -59,3 +59,11 @@ for group in (serving_cli.app, trainer_cli.app, bridge_cli.app, stack.app, bench
     for command in group.registered_commands:
         app.registered_commands.append(command)
 app.add_typer(trainer_cli.group, name="trainer", help="Long-running trainer service.")
+
+
+def run() -> None:
+    """The console entry point: an expected failure anywhere (settings included) is one line, exit code 1."""
+    try:
+        app(prog_name="labelloop")
+    except LabelloopError as exc:
+        raise SystemExit(fail(exc).exit_code) from exc

@@ -6,7 +6,8 @@
     │   ├── TritonUnavailableError   the server cannot be reached or is not ready
     │   ├── InferenceError           the server answered, but not with detections
     │   ├── ImageError               one image cannot be decoded / is too large
-    │   └── RepositoryError          model repository layout, versions, exports
+    │   ├── RepositoryError          model repository layout, versions, exports
+    │   └── QuantizationError        no INT8 model, or one that strays from FP32
     ├── FetchError             an image URL could not (or must not) be fetched
     ├── LabelStudioError       the Label Studio API refused or failed
     ├── DatasetError           an export / annotations cannot become a YOLO dataset
@@ -28,6 +29,7 @@ __all__ = [
     "LabelStudioError",
     "LabelloopError",
     "PublishError",
+    "QuantizationError",
     "RepositoryError",
     "ServingError",
     "TrainingError",
@@ -73,6 +75,10 @@ class RepositoryError(ServingError):
     """The model repository or one of its versions is not usable."""
 
     http_status = 500
+
+
+class QuantizationError(ServingError):
+    """An INT8 model could not be made, or it strays too far from its FP32 source."""
 
 
 class FetchError(LabelloopError):

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from labelloop.console import fail
-from labelloop.errors import LabelloopError, RepositoryError
+from labelloop.errors import ConfigError, LabelloopError, RepositoryError
 from labelloop.settings import Settings, load_settings
 from serving.client import DetectorClient, ImageDetections, ModelInfo
 from serving.control import load_served_version
@@ -88,6 +88,13 @@ async def _load(settings: Settings) -> ModelInfo:
 def export(
     weights: Annotated[Path, typer.Argument(help="Ultralytics .pt weights (from our trainer or your path).")],
     imgsz: Annotated[int | None, typer.Option(help="Export image size (default 320).")] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="fp32 (default) or int8: quantized for CPU boxes, needs --calibration.")
+    ] = None,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(help="Folder of images from the model's domain (searched recursively), for int8."),
+    ] = None,
     model: ModelName = None,
     model_repository: RepoOpt = None,
     triton_url: TritonUrl = None,
@@ -95,15 +102,31 @@ def export(
         bool | None, typer.Option("--load/--no-load", help="Load into Triton (default: if it is running).")
     ] = None,
 ) -> None:
-    """Export weights to ONNX and publish them as the next model version."""
-    settings = load_settings(imgsz=imgsz, model_name=model, model_repository=model_repository, triton_url=triton_url)
+    """Export weights to ONNX (INT8 with --precision int8) and publish them as the next model version."""
+    settings = load_settings(
+        imgsz=imgsz, precision=precision, model_name=model, model_repository=model_repository, triton_url=triton_url
+    )
     card = ModelCard(name=settings.model_name, version=0, classes=[], imgsz=settings.imgsz, note=f"export {weights}")
     try:
-        version, served = publish_weights(settings, weights, card, activate=load)
+        if calibration is not None and not calibration.is_dir():
+            raise ConfigError(f"--calibration {calibration}: not a folder")
+        images = sorted(p for p in calibration.rglob("*") if p.is_file()) if calibration is not None else []
+        version, served = publish_weights(settings, weights, card, activate=load, images=images)
     except LabelloopError as exc:
         raise fail(exc) from exc
     where = f"served by Triton as v{served.version}" if served else "not loaded"
-    typer.echo(f"published {settings.model_name} version {version} ({where})")
+    published = ModelRepository(settings.model_repository).card(settings.model_name, version)
+    typer.echo(f"published {settings.model_name} version {version}, {_precision(published)} ({where})")
+
+
+def _precision(card: ModelCard) -> str:
+    """The precision a version was published at, and the INT8 gate's verdict."""
+    gate = card.quantization
+    if card.precision == "int8":
+        return f"int8 (agreement with fp32 {gate['agreement']:.3f} on {gate['check_images']} images)"
+    if "refused" in gate:
+        return f"fp32 (int8 refused: {gate['refused']})"
+    return card.precision
 
 
 @app.command("export-ensemble")
@@ -150,7 +173,9 @@ def models(
         mark = "*" if row["served"] else " "
         map50 = row["metrics"].get("map50")
         score = f" mAP50 {map50:.3f}" if isinstance(map50, (int, float)) else ""
-        typer.echo(f"{mark} {row['name']} v{row['version']} imgsz {row['imgsz']} {row['classes']}{score}")
+        typer.echo(
+            f"{mark} {row['name']} v{row['version']} {row['precision']} imgsz {row['imgsz']} {row['classes']}{score}"
+        )
 
 
 async def _model_rows(settings: Settings, repo: ModelRepository) -> list[dict[str, Any]]:
@@ -163,9 +188,9 @@ async def _model_rows(settings: Settings, repo: ModelRepository) -> list[dict[st
         for version in repo.versions(name):
             try:
                 card = repo.card(name, version)
-                classes, imgsz, metrics = card.classes, card.imgsz, card.metrics
+                classes, imgsz, metrics, precision = card.classes, card.imgsz, card.metrics, card.precision
             except RepositoryError as exc:
-                classes, imgsz, metrics = [], None, {"error": str(exc)}
+                classes, imgsz, metrics, precision = [], None, {"error": str(exc)}, None
             rows.append(
                 {
                     "name": name,
@@ -173,6 +198,7 @@ async def _model_rows(settings: Settings, repo: ModelRepository) -> list[dict[st
                     "served": version in served,
                     "onnx": str(repo.onnx_path(name, version).resolve()),
                     "imgsz": imgsz,
+                    "precision": precision,
                     "classes": classes,
                     "metrics": metrics,
                 }

@@ -26,6 +26,7 @@ __all__ = [
     "check_onnx",
     "configure_ultralytics_offline",
     "export_onnx",
+    "save_for_triton",
 ]
 
 logger = logging.getLogger(__name__)
@@ -73,13 +74,14 @@ def export_onnx(weights: Path, out: Path, imgsz: int, state_dir: Path) -> Export
         except Exception as exc:  # noqa: BLE001 - ultralytics raises anything; report it as an export failure
             raise RepositoryError(f"ultralytics could not export {weights}: {exc}") from exc
         out.parent.mkdir(parents=True, exist_ok=True)
-        _downgrade_ir(Path(produced), out)
+        save_for_triton(Path(produced), out)
     meta = check_onnx(out)
     logger.info("exported %s -> %s (classes=%s, imgsz=%s)", weights, out, list(meta.names), meta.imgsz)
     return ExportResult(onnx=out, meta=meta)
 
 
-def _downgrade_ir(src: Path, dst: Path) -> None:
+def save_for_triton(src: Path, dst: Path) -> None:
+    """Save ``src`` at ``dst`` with an IR version the onnxruntime in NVIDIA's containers loads."""
     import onnx
 
     model = onnx.load(str(src))

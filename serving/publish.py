@@ -1,7 +1,8 @@
 """Publish weights as a new model version, and wire settings into serving objects.
 
-Shared by ``labelloop export``, the trainer's publish step and the tests: export to ONNX, write
-version N+1 atomically, then (when Triton is up) activate it with a real inference.
+Shared by ``labelloop export``, the trainer's publish step and the tests: export to ONNX (and
+quantize to INT8 when the settings ask), write version N+1 atomically, then (when Triton is up)
+activate it with a real inference.
 """
 
 from __future__ import annotations
@@ -9,15 +10,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from labelloop.errors import ConfigError, QuantizationError
 from labelloop.settings import Settings
 from serving.client import DetectorClient, ModelInfo
 from serving.control import activate_version
 from serving.pbtxt import DetectorConfig
 from serving.repository import ModelCard, ModelRepository
 
-__all__ = ["detector_config", "make_client", "publish_weights"]
+if TYPE_CHECKING:  # the bridge imports this module; it needs no OpenCV
+    from serving.triton.detector_ops import DetectorMeta
+
+__all__ = ["BuiltModel", "build_model", "detector_config", "make_client", "publish_built", "publish_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,23 +56,77 @@ def detector_config(settings: Settings) -> DetectorConfig:
     )
 
 
-def publish_weights(
-    settings: Settings, weights: Path, card: ModelCard, activate: bool | None = None
-) -> tuple[int, ModelInfo | None]:
-    """Export ``weights`` and write them as the next version; load it when Triton is up.
+@dataclass(frozen=True)
+class BuiltModel:
+    """The ONNX a version will serve, at the precision it ended up with, before it is published."""
 
-    ``activate`` None means "if Triton is reachable". Returns the version and what is served.
+    onnx: Path
+    meta: DetectorMeta
+    precision: str
+    quantization: dict[str, Any] = field(default_factory=dict)
+
+
+def build_model(settings: Settings, weights: Path, imgsz: int, folder: Path, images: Sequence[Path] = ()) -> BuiltModel:
+    """Export ``weights`` into ``folder``; with ``precision: int8``, quantize on ``images`` too.
+
+    An INT8 model that cannot be made or fails the agreement gate is not published: the FP32 one is,
+    and the card says why (an automatic training loop must not stall on it).
     """
     from serving.export import export_onnx
 
+    exported = export_onnx(weights, folder / "model.onnx", imgsz, settings.state_dir)
+    if settings.precision == "fp32":
+        return BuiltModel(exported.onnx, exported.meta, "fp32")
+    from serving.quantize import quantize_int8, split_images
+
+    if not images:
+        raise ConfigError(
+            "precision int8 needs images from the model's domain to calibrate on; "
+            "pass some (labelloop export --calibration DIR) or set precision: fp32"
+        )
+    try:
+        result = quantize_int8(
+            exported.onnx,
+            folder / "model.int8.onnx",
+            *split_images(images),
+            min_agreement=settings.int8_min_agreement,
+            conf=settings.conf,
+            iou=settings.iou,
+        )
+    except QuantizationError as exc:
+        logger.warning("publishing FP32 instead of INT8: %s", exc)
+        return BuiltModel(exported.onnx, exported.meta, "fp32", {"refused": str(exc)})
+    return BuiltModel(result.onnx, exported.meta, "int8", result.to_card())
+
+
+def publish_built(
+    settings: Settings, built: BuiltModel, weights: Path | None, card: ModelCard, activate: bool | None = None
+) -> tuple[int, ModelInfo | None]:
+    """Write ``built`` (and its source weights) as the next version; load it when Triton is up.
+
+    ``activate`` None means "if Triton is reachable". Returns the version and what is served.
+    """
     repo = ModelRepository(settings.model_repository)
     repo.write_config(detector_config(settings))
-    with tempfile.TemporaryDirectory(prefix="labelloop-publish-") as tmp:
-        result = export_onnx(weights, Path(tmp) / "model.onnx", card.imgsz, settings.state_dir)
-        card.classes = list(result.meta.names)
-        card.parent_version = card.parent_version or repo.latest(settings.model_name)
-        version = repo.add_version(card, result.onnx, weights)
+    card.classes = list(built.meta.names)
+    card.precision = built.precision
+    card.quantization = dict(built.quantization)
+    card.parent_version = card.parent_version or repo.latest(settings.model_name)
+    version = repo.add_version(card, built.onnx, weights)
     return version, asyncio.run(_activate(settings, repo, version, activate))
+
+
+def publish_weights(
+    settings: Settings,
+    weights: Path,
+    card: ModelCard,
+    activate: bool | None = None,
+    images: Sequence[Path] = (),
+) -> tuple[int, ModelInfo | None]:
+    """Build the ONNX for ``weights`` (``build_model``) and publish it (``publish_built``)."""
+    with tempfile.TemporaryDirectory(prefix="labelloop-publish-") as tmp:
+        built = build_model(settings, weights, card.imgsz, Path(tmp), images)
+        return publish_built(settings, built, weights, card, activate)
 
 
 async def _activate(settings: Settings, repo: ModelRepository, version: int, activate: bool | None) -> ModelInfo | None:

@@ -58,6 +58,9 @@ class ModelCard:
     dataset_hash: str | None = None
     train_args: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    # model.onnx's precision; for int8, the agreement gate's numbers (or, for fp32, why int8 was refused)
+    precision: str = "fp32"
+    quantization: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

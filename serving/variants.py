@@ -7,6 +7,7 @@ post-processing steps; clients see the same model name, inputs and outputs.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import uuid
@@ -18,6 +19,8 @@ from serving.pbtxt import DetectorConfig, render_core_onnx, render_ensemble, ren
 from serving.repository import CARD_FILE, ONNX_FILE, ModelRepository
 
 __all__ = ["CORE_BACKENDS", "write_ensemble_repository"]
+
+logger = logging.getLogger(__name__)
 
 CORE_BACKENDS = ("onnxruntime", "python", "tensorrt")
 
@@ -49,6 +52,13 @@ def write_ensemble_repository(
     if version is None or version not in source.versions(cfg.name):
         raise RepositoryError(f"{cfg.name} has no version {version} in {source.root}")
     card = source.card(cfg.name, version)
+    if card.precision == "int8" and cfg.kind == "KIND_GPU":
+        logger.warning(
+            "%s version %d is INT8 (QDQ), made for onnxruntime on a CPU; for a GPU publish an fp32 version "
+            "and let TensorRT build its own engine",
+            cfg.name,
+            version,
+        )
     cfg = DetectorConfig(**{**cfg.__dict__, "imgsz": card.imgsz})
     runtime = resources.files("serving") / "triton"
     code = {name: (runtime / name).read_bytes() for name in _RUNTIME_FILES}

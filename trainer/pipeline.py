@@ -2,7 +2,8 @@
 
 A run: collect verified annotations -> rebuild the dataset and extend the frozen held-out set ->
 evaluate the served version -> fine-tune from its weights -> evaluate the candidate on the same
-held-out set -> decide -> publish when the rules say so -> append the history. One run at a time
+held-out set, as it would be served (the ONNX, INT8 when the settings ask) -> decide -> publish
+when the rules say so -> append the history. One run at a time
 (``<state>/trainer/train.lock``), whoever starts it.
 """
 
@@ -25,6 +26,7 @@ from typing import Any
 
 from labelloop.errors import ConfigError, LabelloopError, TrainingError
 from labelloop.settings import Settings
+from serving.publish import build_model
 from trainer.dataset import HOLDOUT_DIR, Dataset, build_dataset
 from trainer.evaluate import EvalResult, evaluate
 from trainer.history import HOLDOUT_SET, History
@@ -248,19 +250,22 @@ def run_training(settings: Settings, source: Source, options: RunOptions) -> Run
         )
         report.trained = True
         report.train_args = {k: v for k, v in result.args.items() if k not in ("project", "name", "data")}
-        report.candidate = evaluate(
-            result.best,
-            dataset.data_yaml,
-            options.imgsz,
-            expected_classes=_held_out_classes(dataset),
-            device=options.device,
-            run_dir=run_dir / "eval-candidate",
-        )
-        report.decision = judge(history, served_version, served_eval, report.candidate, rules)
         try:
+            # Judged as it would be served: the exported (and, with precision int8, quantized) ONNX.
+            built = build_model(settings, result.best, options.imgsz, run_dir / "candidate", _images(dataset.root))
+            report.candidate = evaluate(
+                built.onnx,
+                dataset.data_yaml,
+                options.imgsz,
+                expected_classes=_held_out_classes(dataset),
+                device=options.device,
+                run_dir=run_dir / "eval-candidate",
+            )
+            report.decision = judge(history, served_version, served_eval, report.candidate, rules)
             if report.decision.deploy:
                 version, info = publish_candidate(
                     settings,
+                    built,
                     result.best,
                     imgsz=options.imgsz,
                     metrics={"set": HOLDOUT_SET, **_metrics(report.candidate)},
@@ -296,6 +301,12 @@ def _evaluate_served(
         device=options.device,
         run_dir=run_dir / "eval-served",
     )
+
+
+def _images(dataset_root: Path) -> list[Path]:
+    """A dataset's training images: what INT8 calibrates on (a model is never calibrated on held-out images)."""
+    folder = dataset_root / "images" / "train"
+    return sorted(folder.iterdir()) if folder.is_dir() else []
 
 
 def _held_out_classes(dataset: Dataset) -> list[str]:
@@ -353,10 +364,12 @@ def bootstrap(
             model_yaml=DEFAULT_MODEL_YAML,
             **options.train_kwargs(),
         )
-        metrics = evaluate(result.best, combined, options.imgsz, device=options.device, run_dir=run_dir / "eval")
+        built = build_model(settings, result.best, options.imgsz, run_dir / "candidate", _images(data_yaml.parent))
+        metrics = evaluate(built.onnx, combined, options.imgsz, device=options.device, run_dir=run_dir / "eval")
         train_args = {k: v for k, v in result.args.items() if k not in ("project", "name", "data")}
         version, info = publish_candidate(
             settings,
+            built,
             result.best,
             imgsz=options.imgsz,
             metrics={"set": "synthetic-held-out", "images": test_images, **_metrics(metrics)},

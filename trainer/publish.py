@@ -1,6 +1,6 @@
 """Publish a trained candidate as version N+1, and re-publish earlier versions (promote, rollback).
 
-Everything goes through ``serving``: ``publish_weights`` exports, writes the version atomically
+Everything goes through ``serving``: ``publish_built`` writes the version atomically
 and activates it with a real inference, setting it aside when that fails, so the served version
 never changes on a failed publish. Re-publishing copies an earlier version's exact ONNX and
 weights into a NEW version: versions are never rewritten or deleted.
@@ -18,7 +18,7 @@ from labelloop.errors import LabelloopError, PublishError, RepositoryError
 from labelloop.settings import Settings
 from serving.client import ModelInfo
 from serving.control import activate_version
-from serving.publish import detector_config, make_client, publish_weights
+from serving.publish import BuiltModel, detector_config, make_client, publish_built
 from serving.repository import ModelCard, ModelRepository
 from trainer.history import History
 
@@ -70,6 +70,7 @@ def find_served(settings: Settings) -> ServedModel | None:
 
 def publish_candidate(
     settings: Settings,
+    built: BuiltModel,
     weights: Path,
     *,
     imgsz: int,
@@ -80,7 +81,7 @@ def publish_candidate(
     train_args: dict[str, Any],
     note: str = "",
 ) -> tuple[int, ModelInfo | None]:
-    """Publish trained weights as the next version with a full model card; activate it if Triton runs."""
+    """Publish a built candidate and its weights as the next version, with a full card; activate it if Triton runs."""
     card = ModelCard(
         name=settings.model_name,
         version=0,
@@ -93,7 +94,7 @@ def publish_candidate(
         note=note,
     )
     try:
-        return publish_weights(settings, weights, card, activate=None)
+        return publish_built(settings, built, weights, card)
     except PublishError:
         raise
     except LabelloopError as exc:
@@ -125,6 +126,8 @@ def _republish(settings: Settings, source: int, note: str) -> tuple[int, ModelIn
         dataset_hash=old.dataset_hash,
         train_args=dict(old.train_args),
         note=note,
+        precision=old.precision,
+        quantization=dict(old.quantization),
     )
     try:
         repo.write_config(detector_config(settings))

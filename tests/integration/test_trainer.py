@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 from labelloop.errors import InferenceError, PublishError
 from labelloop.settings import Settings
 from serving.client import DetectorClient
-from serving.publish import make_client, publish_weights
-from serving.repository import ModelCard, ModelRepository
+from serving.publish import BuiltModel, build_model, make_client, publish_weights
+from serving.repository import ModelCard, ModelRepository, sha256_file
 from tests.conftest import TEST_IMGSZ, TritonHandle, free_port
 from trainer import cli, pipeline
 from trainer.history import History
@@ -112,12 +112,13 @@ def serve_a_weaker_version(triton: TritonHandle, weights: Path) -> None:
 def test_train_from_an_ls_export_publishes_a_better_model(
     private_triton: TritonHandle, trained_weights: Path, tmp_path: Path
 ) -> None:
+    """With ``precision: int8``: the candidate is judged as the INT8 file that is then served."""
     serve_a_weaker_version(private_triton, trained_weights)
     data = write_dataset(tmp_path / "synthetic", n=120, seed=31)
     archive, images = ls_yolo_export(data, tmp_path / "ls")
     state = tmp_path / "state"
     argv = ["train", "--export", str(archive), "--images", str(images), "--epochs", "3", "--json"]
-    result = CliRunner().invoke(cli.app, argv, env=_env(private_triton, state))
+    result = CliRunner().invoke(cli.app, argv, env=_env(private_triton, state, LABELLOOP_PRECISION="int8"))
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
 
@@ -144,6 +145,9 @@ def test_train_from_an_ls_export_publishes_a_better_model(
     assert card.dataset_hash == doc["dataset"]["hash"]
     assert card.metrics["map50"] == doc["candidate"]["map50"]
     assert card.train_args["epochs"] == 3 and card.train_args["optimizer"] == "AdamW"
+    assert card.precision == "int8" and card.quantization["agreement"] >= 0.95
+    (judged,) = (state / "trainer" / "runs").glob("*/candidate/model.int8.onnx")
+    assert sha256_file(judged) == card.onnx_sha256
     records = list(History(state / "trainer" / "history.jsonl").records())
     assert [(r["kind"], r["published_version"]) for r in records] == [("train", 3)]
 
@@ -171,7 +175,12 @@ def test_a_worse_candidate_is_refused_with_the_numbers_shown(
 
 
 @pytest.fixture
-def publish_args(trained_weights: Path) -> dict[str, Any]:
+def built(private_triton: TritonHandle, trained_weights: Path, tmp_path: Path) -> BuiltModel:
+    return build_model(private_triton.settings, trained_weights, TEST_IMGSZ, tmp_path / "built")
+
+
+@pytest.fixture
+def publish_args() -> dict[str, Any]:
     return {
         "imgsz": TEST_IMGSZ,
         "metrics": {"map50": 0.99},
@@ -194,6 +203,7 @@ def test_activation_failing_mid_publish_leaves_the_served_version(
     private_triton: TritonHandle,
     trained_weights: Path,
     publish_args: dict[str, Any],
+    built: BuiltModel,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     real_load: Callable[..., Any] = DetectorClient.load
@@ -207,7 +217,7 @@ def test_activation_failing_mid_publish_leaves_the_served_version(
 
     monkeypatch.setattr(DetectorClient, "load", load_then_crash)
     with pytest.raises(PublishError, match="still serving version 1"):
-        publish_candidate(private_triton.settings, trained_weights, **publish_args)
+        publish_candidate(private_triton.settings, built, trained_weights, **publish_args)
     monkeypatch.undo()
     _assert_still_v1(private_triton)
     repo = ModelRepository(private_triton.settings.model_repository)
@@ -219,6 +229,7 @@ def test_copy_failing_mid_publish_leaves_the_served_version(
     private_triton: TritonHandle,
     trained_weights: Path,
     publish_args: dict[str, Any],
+    built: BuiltModel,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import serving.repository as repository
@@ -232,7 +243,7 @@ def test_copy_failing_mid_publish_leaves_the_served_version(
 
     monkeypatch.setattr(repository.shutil, "copyfile", copy_until_the_weights)
     with pytest.raises(PublishError, match="unchanged"):
-        publish_candidate(private_triton.settings, trained_weights, **publish_args)
+        publish_candidate(private_triton.settings, built, trained_weights, **publish_args)
     monkeypatch.undo()
     _assert_still_v1(private_triton)
 

@@ -100,7 +100,7 @@ def _report() -> dict[str, Any]:
         "load_average_before": (0.1, 0.1, 0.1),
         "load_average_after": (0.2, 0.1, 0.1),
     }
-    return build_report(harness=harness, monitor=monitor, machine=machine, version=3, duration_s=60.0)
+    return build_report(harness=harness, monitor=monitor, machine=machine, version=3, precision="int8", duration_s=60.0)
 
 
 def test_build_report_ratios_follow_their_definitions() -> None:
@@ -126,6 +126,6 @@ def test_markdown_and_png(tmp_path: Path) -> None:
     assert "| ratio | value | target | met |" in markdown
     assert "| bridge_vs_seed_throughput | 2.25 | >= 2 | **no** |" in markdown
     assert "| (a) raw onnxruntime | 10.00 | 10.00 | 10.00 |" in markdown
-    assert "Test CPU, 2 cores" in markdown
+    assert "Test CPU, 2 cores" in markdown and "imgsz 320, int8, " in markdown
     write_png(report, tmp_path / "bench.png")
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -70,3 +70,18 @@ def test_unknown_core_backend_is_refused(tmp_path: Path) -> None:
     repo.add_version(ModelCard(name="defect_detector", version=0, classes=["a"], imgsz=256), onnx)
     with pytest.raises(RepositoryError, match="unknown core backend"):
         write_ensemble_repository(repo, DetectorConfig(), tmp_path / "out", core_backend="tflite")
+
+
+def test_an_int8_version_laid_out_for_a_gpu_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    repo = ModelRepository(tmp_path / "src")
+    repo.write_config(DetectorConfig())
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"x")
+    for precision in ("fp32", "int8"):
+        card = ModelCard(name="defect_detector", version=0, classes=["a"], imgsz=256, precision=precision)
+        repo.add_version(card, onnx)
+    for version, kind in ((1, "KIND_GPU"), (2, "KIND_CPU")):
+        write_ensemble_repository(repo, DetectorConfig(kind=kind), tmp_path / f"out{version}", version)
+    assert not caplog.records
+    write_ensemble_repository(repo, DetectorConfig(kind="KIND_GPU"), tmp_path / "out3", 2)
+    assert "version 2 is INT8" in caplog.text

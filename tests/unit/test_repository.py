@@ -42,6 +42,17 @@ def test_versions_count_up_and_ignore_non_numeric(repo: ModelRepository, tmp_pat
     assert files == ["card.json", "detector_ops.py", "model.onnx", "model.py", "weights.pt"]
 
 
+def test_a_card_from_before_int8_reads_as_fp32(repo: ModelRepository, tmp_path: Path) -> None:
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"onnx")
+    repo.add_version(_card(), onnx)
+    path = repo.version_dir("det", 1) / "card.json"
+    old = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("precision", "quantization")}
+    path.write_text(json.dumps(old))
+    card = repo.card("det", 1)
+    assert (card.precision, card.quantization) == ("fp32", {})
+
+
 def test_failed_write_leaves_no_version(repo: ModelRepository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     onnx = tmp_path / "m.onnx"
     onnx.write_bytes(b"onnx")

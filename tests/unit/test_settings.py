@@ -68,3 +68,13 @@ def test_config_command_masks_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     result = CliRunner().invoke(app, ["config"])
     assert result.exit_code == 0
     assert "very-secret-token" not in result.output and "label_studio_api_key: **********" in result.output
+
+
+def test_an_invalid_setting_is_one_line_from_the_command(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "labelloop", "export", "w.pt", "--precision", "int4"]
+    done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == ["error: invalid settings: precision: Input should be 'fp32' or 'int8'"]

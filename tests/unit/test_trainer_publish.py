@@ -39,6 +39,8 @@ def settings(tmp_path: Path) -> Settings:
             metrics={"map50": v / 10},
             dataset_hash=f"d{v}",
             train_args={"epochs": v},
+            precision="int8" if v == 2 else "fp32",
+            quantization={"agreement": 0.99} if v == 2 else {},
         )
         repo.add_version(card, onnx, weights)
     return s
@@ -65,6 +67,7 @@ def test_rollback_republishes_the_previous_version_as_a_new_one(settings: Settin
     assert {v: _files(repo, name, v) for v in (1, 2, 3)} == before, "history is never rewritten"
     card = repo.card(name, 4)
     assert card.metrics == {"map50": 0.2} and card.dataset_hash == "d2" and "rollback from v3" in card.note
+    assert (card.precision, card.quantization) == ("int8", {"agreement": 0.99})
 
     # rolling back again goes further back, not to the version just rolled back from
     new, source, _ = rollback(settings)

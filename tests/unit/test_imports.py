@@ -1,0 +1,14 @@
+"""The bridge process stays light: its peak RSS target (under 300 MB) leaves no room for model runtimes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+HEAVY = ("cv2", "onnxruntime", "torch", "ultralytics")
+
+
+def test_the_bridge_imports_no_model_runtime() -> None:
+    code = f"import sys, ls_bridge.app, ls_bridge.cli; print([m for m in {HEAVY!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"
