@@ -24,9 +24,10 @@ from pydantic_settings import (
 
 from labelloop.errors import ConfigError
 
-__all__ = ["CONFIG_ENV", "Settings", "get_settings", "load_settings", "reference_markdown"]
+__all__ = ["CONFIG_ENV", "Precision", "Settings", "get_settings", "load_settings", "reference_markdown"]
 
 CONFIG_ENV = "LABELLOOP_CONFIG"
+Precision = Literal["fp32", "int8"]
 _DEFAULT_YAML = "labelloop.yaml"
 
 
@@ -68,7 +69,7 @@ class Settings(BaseSettings):
     iou: float = Field(0.7, gt=0, le=1, description="Default NMS IoU threshold.")
     max_image_bytes: int = Field(50_000_000, gt=0, description="Largest encoded image accepted.")
     max_image_pixels: int = Field(60_000_000, gt=0, description="Largest decoded image (w*h) accepted.")
-    precision: Literal["fp32", "int8"] = Field(
+    precision: Precision = Field(
         "fp32", description="Published ONNX: fp32, or int8 (CPU boxes: about 2x faster; calibrated and gated)."
     )
     int8_min_agreement: float = Field(

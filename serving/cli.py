@@ -108,6 +108,8 @@ def export(
     )
     card = ModelCard(name=settings.model_name, version=0, classes=[], imgsz=settings.imgsz, note=f"export {weights}")
     try:
+        if calibration is not None and settings.precision != "int8":
+            raise ConfigError("--calibration is for --precision int8 (an fp32 export needs no images)")
         if calibration is not None and not calibration.is_dir():
             raise ConfigError(f"--calibration {calibration}: not a folder")
         images = sorted(p for p in calibration.rglob("*") if p.is_file()) if calibration is not None else []

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from labelloop.errors import ConfigError, QuantizationError
-from labelloop.settings import Settings
+from labelloop.settings import Precision, Settings
 from serving.client import DetectorClient, ModelInfo
 from serving.control import activate_version
 from serving.pbtxt import DetectorConfig
@@ -62,7 +62,7 @@ class BuiltModel:
 
     onnx: Path
     meta: DetectorMeta
-    precision: str
+    precision: Precision
     quantization: dict[str, Any] = field(default_factory=dict)
 
 
@@ -73,26 +73,26 @@ def build_model(settings: Settings, weights: Path, imgsz: int, folder: Path, ima
     and the card says why (an automatic training loop must not stall on it).
     """
     from serving.export import export_onnx
+    from serving.quantize import QuantizeOptions, quantize_int8, split_images
 
+    calibration, check = split_images(images)
+    if settings.precision == "int8" and not calibration:
+        raise ConfigError(
+            f"precision int8 needs images from the model's domain to calibrate on (no image files among the "
+            f"{len(images)} given); pass some (labelloop export --calibration DIR) or set precision: fp32"
+        )
     exported = export_onnx(weights, folder / "model.onnx", imgsz, settings.state_dir)
     if settings.precision == "fp32":
         return BuiltModel(exported.onnx, exported.meta, "fp32")
-    from serving.quantize import quantize_int8, split_images
-
-    if not images:
-        raise ConfigError(
-            "precision int8 needs images from the model's domain to calibrate on; "
-            "pass some (labelloop export --calibration DIR) or set precision: fp32"
-        )
+    options = QuantizeOptions(
+        min_agreement=settings.int8_min_agreement,
+        conf=settings.conf,
+        iou=settings.iou,
+        max_image_bytes=settings.max_image_bytes,
+        max_image_pixels=settings.max_image_pixels,
+    )
     try:
-        result = quantize_int8(
-            exported.onnx,
-            folder / "model.int8.onnx",
-            *split_images(images),
-            min_agreement=settings.int8_min_agreement,
-            conf=settings.conf,
-            iou=settings.iou,
-        )
+        result = quantize_int8(exported.onnx, folder / "model.int8.onnx", calibration, check, options)
     except QuantizationError as exc:
         logger.warning("publishing FP32 instead of INT8: %s", exc)
         return BuiltModel(exported.onnx, exported.meta, "fp32", {"refused": str(exc)})

@@ -1,22 +1,23 @@
 """Post-training INT8 quantization of a detector ONNX, gated on how closely it agrees with its FP32 source.
 
-Why: on a CPU, onnxruntime's INT8 kernels (AVX-512 VNNI, AVX2) run this detector about twice as
-fast as FP32 (README, Performance). What is quantized: every convolution and activation of the
-network, as QDQ nodes with per-channel weights, calibrated on images from the user's own domain.
-What stays FP32: the tail of ultralytics' Detect head (DFL softmax, box decoding, class sigmoid,
-the final concat). That concat mixes pixel coordinates (0-640) with class scores (0-1); one INT8
-scale for both would round every score to 0 or 1.25.
+Why: on this project's AVX-512 VNNI test machine, onnxruntime's INT8 kernels run the detector about
+twice as fast as FP32 (README, Performance). What is quantized: every convolution and activation
+of the network, as QDQ nodes with per-channel weights, calibrated on images from the user's own
+domain. What stays FP32: the tail of ultralytics' Detect head (DFL softmax, box decoding, class
+sigmoid, the final concat). That concat holds pixel coordinates (0 to imgsz) and class scores
+(0-1) in one tensor; one UINT8 scale for both rounds every score to 0.
 
 The gate is label-free, so it works for ``labelloop export`` as well as for the trainer: the INT8
 model's detections are matched to the FP32 model's on images kept out of calibration (same class,
-IoU >= 0.5), and the F1 of that match must reach the minimum. The trainer then judges the INT8 file
-itself on the held-out set, like any candidate.
+IoU >= 0.5), and the F1 of that match must reach the minimum. It runs on the machine that
+quantizes. The trainer then judges the INT8 file itself on the held-out set, like any candidate.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -37,18 +38,40 @@ from serving.triton.detector_ops import (
     postprocess,
 )
 
-__all__ = ["MATCH_IOU", "QuantizeResult", "agreement", "quantize_int8", "split_images"]
+__all__ = ["MATCH_IOU", "Agreement", "QuantizeOptions", "QuantizeResult", "agreement", "quantize_int8", "split_images"]
 
 logger = logging.getLogger(__name__)
 
 MATCH_IOU = 0.5
-# Calibration images and agreement images: enough for stable activation ranges, a few seconds each.
-MAX_CALIBRATION = 64
-MAX_CHECK = 64
+# Images used at most, spread over what was given: 96 calibrate (activation ranges settle well
+# before that; more only lengthens a publish) and 32 check.
+MAX_IMAGES = 128
+# Fewer FP32 detections than this on the check images is too little evidence to pass the gate.
+MIN_DETECTIONS = 10
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # ultralytics names ONNX nodes after the module path: "/model.22/cv3.0/cv3.0.2/Conv".
 _MODULE = re.compile(r"^(/model\.\d+/)")
 _HEAD_BRANCHES = ("cv2.", "cv3.")  # the Detect head's box and class convolutions (also one2one_cv2/3)
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """What the quantizer and its gate take from the settings."""
+
+    min_agreement: float
+    conf: float
+    iou: float
+    max_image_bytes: int
+    max_image_pixels: int
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How well one model's detections match another's on the images that could be read."""
+
+    f1: float
+    images: int
+    reference_detections: int
 
 
 @dataclass(frozen=True)
@@ -60,6 +83,7 @@ class QuantizeResult:
     min_agreement: float
     calibration_images: int
     check_images: int
+    fp32_detections: int
     fp32_nodes: int
 
     def to_card(self) -> dict[str, Any]:
@@ -69,18 +93,20 @@ class QuantizeResult:
 
 
 def split_images(paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:
-    """Every fourth image checks the agreement, the others calibrate; sorted, so the split is stable."""
+    """Up to ``MAX_IMAGES`` spread evenly over the sorted list (every folder gets its share); one in four checks."""
     files = sorted(p for p in paths if p.suffix.lower() in _IMAGE_SUFFIXES)
-    check = [p for i, p in enumerate(files) if i % 4 == 3][:MAX_CHECK]
-    calibration = [p for i, p in enumerate(files) if i % 4 != 3][:MAX_CALIBRATION]
-    return calibration, check
+    wanted = min(len(files), MAX_IMAGES)
+    picked = [files[i * len(files) // wanted] for i in range(wanted)]
+    return [p for i, p in enumerate(picked) if i % 4 != 3], [p for i, p in enumerate(picked) if i % 4 == 3]
 
 
-def _inputs(paths: Sequence[Path], imgsz: tuple[int, int]) -> Iterator[tuple[npt.NDArray[np.float32], Letterbox]]:
+def _inputs(
+    paths: Sequence[Path], imgsz: tuple[int, int], options: QuantizeOptions
+) -> Iterator[tuple[npt.NDArray[np.float32], Letterbox]]:
     """The exact tensors the Triton model would feed the network; unreadable files are skipped."""
     for path in paths:
         try:
-            decoded = decode_image(path.read_bytes(), 1 << 31, 1 << 31, imgsz)
+            decoded = decode_image(path.read_bytes(), options.max_image_bytes, options.max_image_pixels, imgsz)
         except (OSError, ImageRejected) as exc:
             logger.warning("skipping %s: %s", path, exc)
             continue
@@ -102,26 +128,54 @@ def _head_tail(nodes: Sequence[Any], output_producer: str) -> list[str]:
 
 
 def quantize_int8(
-    src: Path,
-    out: Path,
-    calibration: Sequence[Path],
-    check: Sequence[Path],
-    *,
-    min_agreement: float,
-    conf: float,
-    iou: float,
+    src: Path, out: Path, calibration: Sequence[Path], check: Sequence[Path], options: QuantizeOptions
 ) -> QuantizeResult:
-    """Write the INT8 version of ``src`` to ``out``; raise ``QuantizationError`` if it fails the gate."""
+    """Write the INT8 version of ``src`` to ``out`` only if it passes the gate; else ``QuantizationError``."""
+    if not check:
+        raise QuantizationError("INT8 needs images held back to check it against FP32 (one in four: give at least 4)")
+    meta = check_onnx(src)
+    tensors = [x for x, _ in _inputs(calibration, meta.imgsz, options)]
+    if not tensors:
+        raise QuantizationError("INT8 needs calibration images from the model's domain; none could be read")
+    with tempfile.TemporaryDirectory(prefix="labelloop-int8-") as tmp:
+        staged = Path(tmp) / "int8.onnx"
+        try:
+            fp32_nodes = _quantize(src, staged, tensors, Path(tmp))
+            check_onnx(staged)
+            score = agreement(src, staged, check, options)
+        except QuantizationError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - quantizer and onnxruntime raise anything; all mean "no INT8"
+            raise QuantizationError(f"onnxruntime could not quantize {src.name}: {exc}") from exc
+        if score.reference_detections < MIN_DETECTIONS:
+            raise QuantizationError(
+                f"FP32 finds {score.reference_detections} detections on the {score.images} check images: too few "
+                f"to compare INT8 with (at least {MIN_DETECTIONS}); give more images with objects in them"
+            )
+        if score.f1 < options.min_agreement:
+            raise QuantizationError(
+                f"the INT8 model agrees with FP32 on {score.f1:.3f} of detections (F1 at IoU {MATCH_IOU}, "
+                f"{score.images} images); the minimum is {options.min_agreement}"
+            )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(staged, out)
+    logger.info("INT8 %s: agreement %.4f with FP32 on %d images", out, score.f1, score.images)
+    return QuantizeResult(
+        out,
+        round(score.f1, 4),
+        options.min_agreement,
+        len(tensors),
+        score.images,
+        score.reference_detections,
+        fp32_nodes,
+    )
+
+
+def _quantize(src: Path, out: Path, tensors: Sequence[npt.NDArray[np.float32]], scratch: Path) -> int:
+    """Static QDQ quantization of ``src`` with the Detect head's tail kept FP32; returns its node count."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    meta = check_onnx(src)
-    tensors = [x for x, _ in _inputs(calibration, meta.imgsz)]
-    if not tensors:
-        raise QuantizationError("INT8 needs calibration images from the model's domain; none could be read")
-    if not check:
-        raise QuantizationError("INT8 needs images held back to check it against FP32 (one in four: give at least 4)")
 
     class _Reader(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships no type hints
         def __init__(self, name: str) -> None:
@@ -131,57 +185,54 @@ def quantize_int8(
             return next(self._feeds, None)
 
     source = onnx.load(str(src))
-    input_name = source.graph.input[0].name
     producer = next((n.name for n in source.graph.node if source.graph.output[0].name in n.output), "")
-    with tempfile.TemporaryDirectory(prefix="labelloop-int8-") as tmp:
-        prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
-        try:
-            # Shape inference and onnxruntime's own fusions first, as onnxruntime recommends.
-            quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
-            keep_fp32 = _head_tail(onnx.load(str(prepared)).graph.node, producer)
-            quantize_static(
-                str(prepared),
-                str(quantized),
-                _Reader(input_name),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                nodes_to_exclude=keep_fp32,
-            )
-            model = onnx.load(str(quantized))
-        except Exception as exc:  # noqa: BLE001 - the quantizer raises anything; all mean "no INT8 model"
-            raise QuantizationError(f"onnxruntime could not quantize {src.name}: {exc}") from exc
-        # The Triton model reads names/imgsz from the metadata; the quantizer does not keep it.
-        del model.metadata_props[:]
-        model.metadata_props.extend(source.metadata_props)
-        onnx.save(model, str(quantized))
-        save_for_triton(quantized, out)
-    check_onnx(out)
-    score = agreement(src, out, check, conf=conf, iou=iou)
-    result = QuantizeResult(out, round(score, 4), min_agreement, len(tensors), len(check), len(keep_fp32))
-    if score < min_agreement:
+    prepared, quantized = scratch / "prepared.onnx", scratch / "quantized.onnx"
+    # Shape inference and onnxruntime's own fusions first, as onnxruntime recommends.
+    quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+    keep_fp32 = _head_tail(onnx.load(str(prepared)).graph.node, producer)
+    if not keep_fp32:
         raise QuantizationError(
-            f"the INT8 model agrees with FP32 on {score:.3f} of detections (F1 at IoU {MATCH_IOU}, "
-            f"{len(check)} images); the minimum is {min_agreement}"
+            f"cannot find ultralytics' Detect head in {src.name} (no /model.N/ node feeds {producer or 'the output'})"
         )
-    logger.info("INT8 %s: agreement %.4f with FP32 on %d images", out, score, len(check))
-    return result
+    quantize_static(
+        str(prepared),
+        str(quantized),
+        _Reader(source.graph.input[0].name),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        # 7-bit weights: UINT8 x INT8 products cannot saturate on CPUs without VNNI (AVX2), where the
+        # model may be served although the gate ran elsewhere. No cost measured on a VNNI CPU.
+        reduce_range=True,
+        nodes_to_exclude=keep_fp32,
+    )
+    model = onnx.load(str(quantized))
+    # The Triton model reads names/imgsz from the metadata; the quantizer does not keep it.
+    del model.metadata_props[:]
+    model.metadata_props.extend(source.metadata_props)
+    onnx.save(model, str(quantized))
+    save_for_triton(quantized, out)
+    return len(keep_fp32)
 
 
-def agreement(reference: Path, candidate: Path, images: Sequence[Path], *, conf: float, iou: float) -> float:
+def agreement(reference: Path, candidate: Path, images: Sequence[Path], options: QuantizeOptions) -> Agreement:
     """F1 of ``candidate``'s detections against ``reference``'s (same class, IoU >= 0.5) over ``images``."""
     import onnxruntime as ort
 
     sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (reference, candidate)]
     name = sessions[0].get_inputs()[0].name
     imgsz = check_onnx(reference).imgsz
-    matched = total = 0
-    for x, box in _inputs(images, imgsz):
-        ref, cand = (postprocess(s.run(None, {name: x})[0][0], box, conf, iou) for s in sessions)
+    matched = total = read = reference_count = 0
+    for x, box in _inputs(images, imgsz, options):
+        ref, cand = (postprocess(s.run(None, {name: x})[0][0], box, options.conf, options.iou) for s in sessions)
         matched += _matches(ref, cand)
         total += len(ref) + len(cand)
-    return 1.0 if total == 0 else 2.0 * matched / total
+        reference_count += len(ref)
+        read += 1
+    if read == 0:
+        raise QuantizationError("none of the check images could be read")
+    return Agreement(1.0 if total == 0 else 2.0 * matched / total, read, reference_count)
 
 
 def _matches(ref: npt.NDArray[np.float32], cand: npt.NDArray[np.float32]) -> int:

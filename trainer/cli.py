@@ -304,6 +304,9 @@ def _run_text(report: RunReport) -> str:
         f"re-train needed: {'yes' if d.retrain_needed else 'no'}; deploy: {'yes' if d.deploy else 'no'}",
         *(f"  - {reason}" for reason in d.reasons),
     ]
+    refused = report.candidate_quantization.get("refused")
+    if refused:
+        lines.append(f"int8 refused, the candidate is fp32: {refused}")
     if report.published_version is not None:
         served = report.now_served == report.published_version
         where = "Triton serves it" if served else "Triton not running: served at its next start"

@@ -135,6 +135,9 @@ class RunReport:
     served: EvalResult | None
     decision: Decision
     candidate: EvalResult | None = None
+    # The candidate as judged: its ONNX's precision and, for int8, the gate's numbers or why it was refused.
+    candidate_precision: str | None = None
+    candidate_quantization: dict[str, Any] = field(default_factory=dict)
     published_version: int | None = None
     now_served: int | None = None
     train_args: dict[str, Any] = field(default_factory=dict)
@@ -144,7 +147,9 @@ class RunReport:
 
     def to_json(self) -> dict[str, Any]:
         deployed = None if self.served is None else {"version": self.served_version, **_metrics(self.served)}
-        candidate = None if self.candidate is None else {"version": self.published_version, **_metrics(self.candidate)}
+        candidate = None
+        if self.candidate is not None:
+            candidate = {"version": self.published_version, **_candidate(self, self.candidate)}
         return {
             "dataset": self.dataset.to_dict(),
             "deployed": deployed,
@@ -164,6 +169,14 @@ def _metrics(result: EvalResult) -> dict[str, Any]:
     }
 
 
+def _candidate(report: RunReport, candidate: EvalResult) -> dict[str, Any]:
+    return {
+        **_metrics(candidate),
+        "precision": report.candidate_precision,
+        "quantization": dict(report.candidate_quantization),
+    }
+
+
 def judge(
     history: History,
     served_version: int | None,
@@ -178,7 +191,7 @@ def judge(
 
 def _record(report: RunReport, kind: str) -> dict[str, Any]:
     served = None if report.served is None else {"version": report.served_version, **_metrics(report.served)}
-    candidate = None if report.candidate is None else _metrics(report.candidate)
+    candidate = None if report.candidate is None else _candidate(report, report.candidate)
     return {
         "kind": kind,
         "set": HOLDOUT_SET,
@@ -253,6 +266,7 @@ def run_training(settings: Settings, source: Source, options: RunOptions) -> Run
         try:
             # Judged as it would be served: the exported (and, with precision int8, quantized) ONNX.
             built = build_model(settings, result.best, options.imgsz, run_dir / "candidate", _images(dataset.root))
+            report.candidate_precision, report.candidate_quantization = built.precision, dict(built.quantization)
             report.candidate = evaluate(
                 built.onnx,
                 dataset.data_yaml,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import onnx
 import pytest
@@ -19,7 +21,9 @@ from tests.conftest import TEST_IMGSZ, TritonHandle, make_settings, start_triton
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton]
 
-CONF, IOU = 0.25, 0.7
+OPTIONS = quantize.QuantizeOptions(
+    min_agreement=0.95, conf=0.25, iou=0.7, max_image_bytes=50_000_000, max_image_pixels=60_000_000
+)
 
 
 def _split(demo_dataset: Path) -> tuple[list[Path], list[Path]]:
@@ -33,16 +37,20 @@ def _served_fp32(model_repo: Path) -> Path:
     return repo.onnx_path("defect_detector", repo.latest("defect_detector") or 0)
 
 
+def _head_quantized_too(nodes: Sequence[Any], producer: str) -> list[str]:
+    """Keeps one unrelated node FP32 instead of the head's tail: the mistake the gate is for."""
+    return [nodes[0].name]
+
+
 def test_the_gate_passes_int8_and_refuses_a_quantized_head(
     model_repo: Path, demo_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     src = _served_fp32(model_repo)
     calibration, check = _split(demo_dataset)
-    assert quantize.agreement(src, src, check, conf=CONF, iou=IOU) == 1.0
+    same = quantize.agreement(src, src, check, OPTIONS)
+    assert same.f1 == 1.0 and same.images == len(check) and same.reference_detections > len(check)
 
-    result = quantize.quantize_int8(
-        src, tmp_path / "int8.onnx", calibration, check, min_agreement=0.95, conf=CONF, iou=IOU
-    )
+    result = quantize.quantize_int8(src, tmp_path / "int8.onnx", calibration, check, OPTIONS)
     model = onnx.load(str(result.onnx))
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("QuantizeLinear") > 50 and result.fp32_nodes > 0
@@ -53,11 +61,13 @@ def test_the_gate_passes_int8_and_refuses_a_quantized_head(
         p.key: p.value for p in onnx.load(str(src)).metadata_props
     }
     assert 0.95 <= result.agreement < 1.0  # close to FP32, and really a different model
+    assert result.check_images == len(check) and result.fp32_detections == same.reference_detections
 
-    # Quantizing the head's tail too (one scale for pixels and scores) is what the gate is for.
-    monkeypatch.setattr(quantize, "_head_tail", lambda nodes, producer: [])
-    with pytest.raises(QuantizationError, match=r"agrees with FP32 on 0\.\d+ of detections"):
-        quantize.quantize_int8(src, tmp_path / "bad.onnx", calibration, check, min_agreement=0.95, conf=CONF, iou=IOU)
+    # Quantizing the head's tail too (one scale for pixels and scores) leaves no detection standing.
+    monkeypatch.setattr(quantize, "_head_tail", _head_quantized_too)
+    with pytest.raises(QuantizationError, match=r"agrees with FP32 on 0\.0\d\d of detections"):
+        quantize.quantize_int8(src, tmp_path / "bad.onnx", calibration, check, OPTIONS)
+    assert not (tmp_path / "bad.onnx").exists()
 
 
 def test_a_refused_int8_publishes_fp32_and_says_why(
@@ -65,16 +75,17 @@ def test_a_refused_int8_publishes_fp32_and_says_why(
 ) -> None:
     settings = make_settings(tmp_path / "repo", tmp_path / "state", precision="int8")
     with pytest.raises(ConfigError, match="needs images from the model's domain"):
-        build_model(settings, trained_weights, TEST_IMGSZ, tmp_path / "none")
+        build_model(settings, trained_weights, TEST_IMGSZ, tmp_path / "none", [tmp_path / "notes.txt"])
 
     images = sorted((demo_dataset.parent / "images" / "train").iterdir())[:24]
     few = build_model(settings, trained_weights, TEST_IMGSZ, tmp_path / "few", images[:3])
     assert few.precision == "fp32" and "give at least 4" in few.quantization["refused"]
 
-    monkeypatch.setattr(quantize, "_head_tail", lambda nodes, producer: [])
+    monkeypatch.setattr(quantize, "_head_tail", _head_quantized_too)
     built = build_model(settings, trained_weights, TEST_IMGSZ, tmp_path / "built", images)
     assert built.precision == "fp32" and "agrees with FP32" in built.quantization["refused"]
     assert not any(n.op_type == "QuantizeLinear" for n in onnx.load(str(built.onnx)).graph.node)
+    assert not (tmp_path / "built" / "model.int8.onnx").exists()
 
 
 def _matched(a: list[Detection], b: list[Detection]) -> int:
@@ -102,12 +113,15 @@ def test_export_int8_is_served_by_triton_with_fp32_detections(
     runner = CliRunner()
     missing = runner.invoke(app, [*argv, "--precision", "int8", "--no-load"])
     assert missing.exit_code == 1 and "--calibration" in missing.output
+    needless = runner.invoke(app, [*argv, "--calibration", str(folder), "--no-load"])
+    assert needless.exit_code == 1 and "--calibration is for --precision int8" in needless.output
     result = runner.invoke(app, [*argv, "--precision", "int8", "--calibration", str(folder), "--no-load"])
     assert result.exit_code == 0, result.output
     assert "version 1, int8 (agreement with fp32" in result.output
     card = ModelRepository(repo).card("defect_detector", 1)
     assert card.precision == "int8" and card.quantization["agreement"] >= 0.95
     assert (card.quantization["calibration_images"], card.quantization["check_images"]) == (24, 8)  # 3 in 4
+    assert card.quantization["fp32_detections"] >= quantize.MIN_DETECTIONS
 
     int8 = start_triton(repo, tmp_path / "state")
     try:

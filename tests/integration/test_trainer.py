@@ -128,6 +128,7 @@ def test_train_from_an_ls_export_publishes_a_better_model(
     assert doc["decision"]["deploy"] is True
     assert doc["candidate"]["map50"] > doc["deployed"]["map50"] + 0.02
     assert set(doc["candidate"]["per_class_ap50"]) <= set(CLASSES)
+    assert doc["candidate"]["precision"] == "int8" and doc["candidate"]["quantization"]["agreement"] >= 0.95
     assert doc["dataset"]["classes"] == list(CLASSES)
 
     # Label Studio numbered the classes alphabetically: the dataset holds the model's ids all the same
