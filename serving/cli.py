@@ -19,7 +19,7 @@ from labelloop.settings import Settings, load_settings
 from serving.client import DetectorClient, ImageDetections, ModelInfo
 from serving.control import load_served_version
 from serving.launcher import TritonProcess
-from serving.publish import detector_config, make_client, publish_weights
+from serving.publish import detector_config, make_client, precision_summary, publish_weights
 from serving.repository import ModelCard, ModelRepository
 from serving.variants import write_ensemble_repository
 
@@ -118,17 +118,8 @@ def export(
         raise fail(exc) from exc
     where = f"served by Triton as v{served.version}" if served else "not loaded"
     published = ModelRepository(settings.model_repository).card(settings.model_name, version)
-    typer.echo(f"published {settings.model_name} version {version}, {_precision(published)} ({where})")
-
-
-def _precision(card: ModelCard) -> str:
-    """The precision a version was published at, and the INT8 gate's verdict."""
-    gate = card.quantization
-    if card.precision == "int8":
-        return f"int8 (agreement with fp32 {gate['agreement']:.3f} on {gate['check_images']} images)"
-    if "refused" in gate:
-        return f"fp32 (int8 refused: {gate['refused']})"
-    return card.precision
+    precision = precision_summary(published.precision, published.quantization)
+    typer.echo(f"published {settings.model_name} version {version}, {precision} ({where})")
 
 
 @app.command("export-ensemble")

@@ -25,7 +25,15 @@ from serving.repository import ModelCard, ModelRepository
 if TYPE_CHECKING:  # the bridge imports this module; it needs no OpenCV
     from serving.triton.detector_ops import DetectorMeta
 
-__all__ = ["BuiltModel", "build_model", "detector_config", "make_client", "publish_built", "publish_weights"]
+__all__ = [
+    "BuiltModel",
+    "build_model",
+    "detector_config",
+    "make_client",
+    "precision_summary",
+    "publish_built",
+    "publish_weights",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +105,15 @@ def build_model(settings: Settings, weights: Path, imgsz: int, folder: Path, ima
         logger.warning("publishing FP32 instead of INT8: %s", exc)
         return BuiltModel(exported.onnx, exported.meta, "fp32", {"refused": str(exc)})
     return BuiltModel(result.onnx, exported.meta, "int8", result.to_card())
+
+
+def precision_summary(precision: str, quantization: dict[str, Any]) -> str:
+    """One line for people: the precision published and, for INT8, the gate's verdict."""
+    if precision == "int8":
+        return f"int8 (agreement with fp32 {quantization['agreement']:.3f} on {quantization['check_images']} images)"
+    if "refused" in quantization:
+        return f"fp32 (int8 refused: {quantization['refused']})"
+    return precision
 
 
 def publish_built(

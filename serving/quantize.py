@@ -150,7 +150,8 @@ def quantize_int8(
         if score.reference_detections < MIN_DETECTIONS:
             raise QuantizationError(
                 f"FP32 finds {score.reference_detections} detections on the {score.images} check images: too few "
-                f"to compare INT8 with (at least {MIN_DETECTIONS}); give more images with objects in them"
+                f"to compare INT8 with (at least {MIN_DETECTIONS}): give more images with objects in them, or a model "
+                "that finds them"
             )
         if score.f1 < options.min_agreement:
             raise QuantizationError(

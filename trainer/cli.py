@@ -21,6 +21,7 @@ import typer
 from labelloop.console import fail
 from labelloop.errors import ConfigError, LabelloopError
 from labelloop.settings import Settings, load_settings
+from serving.publish import precision_summary
 from trainer.dataset import summary_table
 from trainer.evaluate import EvalResult
 from trainer.pipeline import RunOptions, RunReport, bootstrap, run_training, watch
@@ -129,12 +130,17 @@ def bootstrap_command(
             "seconds": round(report.seconds, 1),
             "held_out": report.metrics.to_dict(),
             "train_args": report.train_args,
+            "precision": report.precision,
+            "quantization": report.quantization,
         }
         typer.echo(json.dumps(document, indent=2))
         return
     typer.echo(_metrics_table([("synthetic held-out", report.metrics)]))
     where = "served by Triton" if report.served else "Triton not running: served at its next start"
-    typer.echo(f"published {settings.model_name} version {report.version} ({where}) in {report.seconds:.0f}s")
+    precision = precision_summary(report.precision, report.quantization)
+    typer.echo(
+        f"published {settings.model_name} version {report.version}, {precision} ({where}) in {report.seconds:.0f}s"
+    )
     if report.metrics.map50 < 0.9:
         typer.echo(f"warning: mAP50 {report.metrics.map50:.3f} is below the 0.9 target; try more --epochs", err=True)
 
@@ -304,9 +310,9 @@ def _run_text(report: RunReport) -> str:
         f"re-train needed: {'yes' if d.retrain_needed else 'no'}; deploy: {'yes' if d.deploy else 'no'}",
         *(f"  - {reason}" for reason in d.reasons),
     ]
-    refused = report.candidate_quantization.get("refused")
-    if refused:
-        lines.append(f"int8 refused, the candidate is fp32: {refused}")
+    if report.candidate_precision is not None:
+        precision = precision_summary(report.candidate_precision, report.candidate_quantization)
+        lines.append(f"candidate judged as {precision}")
     if report.published_version is not None:
         served = report.now_served == report.published_version
         where = "Triton serves it" if served else "Triton not running: served at its next start"

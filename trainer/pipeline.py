@@ -340,6 +340,8 @@ class BootstrapReport:
     metrics: EvalResult
     seconds: float
     train_args: dict[str, Any]
+    precision: str = "fp32"
+    quantization: dict[str, Any] = field(default_factory=dict)
 
 
 def bootstrap(
@@ -401,7 +403,15 @@ def bootstrap(
                 "published_version": version,
             }
         )
-    return BootstrapReport(version, info is not None, metrics, time.monotonic() - started, train_args)
+    return BootstrapReport(
+        version,
+        info is not None,
+        metrics,
+        time.monotonic() - started,
+        train_args,
+        built.precision,
+        dict(built.quantization),
+    )
 
 
 # --- watch -------------------------------------------------------------------------------------

@@ -169,6 +169,7 @@ def test_a_worse_candidate_is_refused_with_the_numbers_shown(
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "deploy: no" in out and "not deployed: version 1 stays served" in out
+    assert "candidate judged as fp32" in out
     for needle in ("mAP50", "mAP50-95", "precision", "recall", "AP50 ", "served v1", "candidate", "margin"):
         assert needle in out
     assert served_version(private_triton.settings) == 1
@@ -324,6 +325,7 @@ def test_bootstrap_publishes_version_1_once(tmp_path: Path) -> None:
     doc = json.loads(result.stdout)
     assert (doc["published_version"], doc["served"]) == (1, False)
     assert doc["train_args"]["start"] == "yolov8n.yaml" and doc["train_args"]["epochs"] == 1
+    assert (doc["precision"], doc["quantization"]) == ("fp32", {})
     card = ModelRepository(tmp_path / "repo").card("defect_detector", 1)
     assert card.classes == list(CLASSES) and card.parent_version is None and "map50" in card.metrics
     again = CliRunner().invoke(cli.app, argv, env=env)

@@ -111,3 +111,12 @@ def test_install_runtime_brings_a_copy_to_this_labelloops_model_code(repo: Model
     for name in ("model.py", "detector_ops.py"):
         assert (folder / name).read_bytes() == (shipped / name).read_bytes()
     assert (folder / "model.onnx").read_bytes() == b"onnx"
+
+
+def test_the_precision_line_says_what_was_published_and_why() -> None:
+    from serving.publish import precision_summary
+
+    assert precision_summary("fp32", {}) == "fp32"
+    gate = {"agreement": 0.99234, "check_images": 32}
+    assert precision_summary("int8", gate) == "int8 (agreement with fp32 0.992 on 32 images)"
+    assert precision_summary("fp32", {"refused": "too few"}) == "fp32 (int8 refused: too few)"
