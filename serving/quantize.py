@@ -203,8 +203,9 @@ def _quantize(src: Path, out: Path, tensors: Sequence[npt.NDArray[np.float32]], 
         per_channel=True,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
-        # 7-bit weights: UINT8 x INT8 products cannot saturate on CPUs without VNNI (AVX2), where the
-        # model may be served although the gate ran elsewhere. No cost measured on a VNNI CPU.
+        # 7-bit weights: onnxruntime's advice for CPUs without VNNI (AVX2), where UINT8 x INT8 products
+        # can saturate; the model may be served there although the gate ran elsewhere. No cost measured
+        # on a VNNI CPU.
         reduce_range=True,
         nodes_to_exclude=keep_fp32,
     )
