@@ -3,8 +3,8 @@
 The same images go through the same model version four ways, measured in rounds whose blocks
 run in a fresh shuffled order each round, so background load and warm caches hit every method alike:
 
-(a) raw      ``onnxruntime.InferenceSession.run`` on a preprocessed 1x3xSxS float32 tensor (the
-             compute floor: decode, letterbox and NMS are done outside the timer);
+(a) raw      ``onnxruntime.InferenceSession.run`` on the float32 tensor the Triton model builds for
+             the image (the compute floor: decode, letterbox and NMS are done outside the timer);
 (b) triton   ``DetectorClient.detect(jpeg bytes)``: one gRPC request on a kept-alive channel,
              decode + letterbox + onnxruntime + NMS inside Triton, boxes back;
 (c) bridge   ``POST /predict`` with Label Studio-shaped tasks whose images come from a loopback
@@ -155,7 +155,7 @@ class Harness:
         onnx_path: Path,
         weights_path: Path,
     ) -> None:
-        from serving.triton.detector_ops import postprocess
+        from serving.triton.detector_ops import letterbox_stride, parse_onnx_metadata, postprocess
 
         self.settings = settings
         self.plan = plan
@@ -169,6 +169,9 @@ class Harness:
         self.tally = Tally()
         self.monitor: ProcessMonitor | None = None
         self.session, self.input_name = _raw_session(onnx_path)
+        meta = parse_onnx_metadata(self.session.get_modelmeta().custom_metadata_map)
+        # The same letterbox as the Triton model: (a) runs exactly the network inputs (b) and (c) run.
+        self.stride = letterbox_stride(self.session.get_inputs()[0].shape, meta, settings.rect)
         self.seed_model = _seed_model(weights_path)
         self.seed_threads = 0
         prepared = [self._prepare(image.data) for image in images]
@@ -176,9 +179,7 @@ class Harness:
         self.tally.boxes["raw"] = [
             len(postprocess(self._raw(tensor)[0], box, settings.conf, settings.iou)) for tensor, box in prepared
         ]
-        batch = settings.max_batch_size
-        cycled = [self.tensors[k % len(self.tensors)] for k in range(batch)]
-        self.raw_batch = np.concatenate(cycled)
+        self.raw_batches = _shape_batches(self.tensors, settings.max_batch_size)
         self._task_ids = iter(range(1, 10**9))
 
     def _prepare(self, data: bytes) -> tuple[Tensor, Letterbox]:
@@ -187,7 +188,7 @@ class Harness:
 
         size = (self.imgsz, self.imgsz)
         img = decode_image(data, self.settings.max_image_bytes, self.settings.max_image_pixels, target=size)
-        padded, box = letterbox(img.pixels, size, orig=(img.width, img.height))
+        padded, box = letterbox(img.pixels, size, orig=(img.width, img.height), stride=self.stride)
         tensor: Tensor = network_input([padded])
         return tensor, box
 
@@ -293,12 +294,18 @@ class Harness:
                 self.tally.stages[name].append(found.stats[f"{name}_s"])
 
     async def _raw_batches(self) -> None:
-        batch = self.settings.max_batch_size
-        runs = max(1, self.plan.block_images // batch)
-        started = time.perf_counter()
-        for _ in range(runs):
-            self._raw(self.raw_batch)
-        self._count(("raw", f"batch {batch}"), runs * batch, started)
+        """Every bench image once at full batches: each shape's per-image time, weighted by its images."""
+        size = self.settings.max_batch_size
+        runs = max(1, self.plan.block_images // (size * len(self.raw_batches)))
+        seconds = 0.0
+        for batch, images in self.raw_batches:
+            started = time.perf_counter()
+            for _ in range(runs):
+                self._raw(batch)
+            seconds += (time.perf_counter() - started) / (runs * size) * images
+        work = self.tally.work[("raw", f"batch {size}")]
+        work[0] += len(self.tensors)
+        work[1] += seconds
 
     async def _triton_concurrent(self, detector: DetectorClient, concurrency: int) -> None:
         slots = asyncio.Semaphore(concurrency)
@@ -359,7 +366,8 @@ class Harness:
         for image in self.images[:2]:
             self._seed(image.data)
             await detector.detect(image.data)
-        self._raw(self.raw_batch)
+        for batch, _ in self.raw_batches:
+            self._raw(batch)
         await asyncio.gather(*(detector.detect(i.data) for i in self.images[:8]))
         await self._predict(http, list(range(min(8, len(self.images)))))
         await self._predict(http, [0])
@@ -403,6 +411,15 @@ class _Window:
         for role, seconds in cpu.items():
             tally.cpu[self.load][role] += seconds - self._cpu.get(role, 0.0)
         tally.cpu_images[self.load] += self.images
+
+
+def _shape_batches(tensors: list[Tensor], size: int) -> list[tuple[Tensor, int]]:
+    """(a)'s batches: one full batch per network shape, cycled from the images of that shape (no
+    padding, so the floor stays a floor), with how many bench images have the shape."""
+    by_shape: dict[tuple[int, ...], list[Tensor]] = defaultdict(list)
+    for tensor in tensors:
+        by_shape[tensor.shape].append(tensor)
+    return [(np.concatenate([group[k % len(group)] for k in range(size)]), len(group)) for group in by_shape.values()]
 
 
 def _raw_session(onnx_path: Path) -> tuple[Any, str]:

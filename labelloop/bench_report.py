@@ -26,8 +26,10 @@ if TYPE_CHECKING:
 __all__ = ["METHODS", "RATIO_DEFINITIONS", "TARGETS", "build_report", "render_markdown", "write_png"]
 
 METHODS: dict[str, str] = {
-    "raw": "(a) onnxruntime InferenceSession(served ONNX, default options: all cores, ORT_ENABLE_ALL).run on one "
-    "preprocessed 1x3xSxS float32 tensor, in the bench process; decode, letterbox and NMS are outside the timer",
+    "raw": "(a) onnxruntime InferenceSession(served ONNX, default options: all cores, ORT_ENABLE_ALL).run on the "
+    "float32 tensor the Triton model builds for the image (its own rectangle with rect), in the bench process; "
+    "decode, letterbox and NMS are outside the timer; batch max_batch_size: one full batch per network shape, "
+    "weighted by the images of that shape",
     "triton": "(b) DetectorClient.detect(JPEG bytes) over gRPC on a kept-alive channel: decode, EXIF, letterbox, "
     "onnxruntime and NMS inside Triton's python model; boxes in original pixels back",
     "bridge": "(c) POST /predict to the bridge process with one Label Studio task per image (http image URL on a "
@@ -182,6 +184,7 @@ def build_report(
             "model": info.name,
             "version": version,
             "imgsz": harness.imgsz,
+            "letterbox": f"rect (stride {harness.stride})" if harness.stride else "square",
             "precision": precision,
             "classes": info.classes,
             "provider": info.provider,
@@ -237,7 +240,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{m['memory_gib']} GiB, no GPU; load average {m['load_average_before'][0]:.2f} before, "
         f"{m['load_average_after'][0]:.2f} after (1 min).",
         f"Model: {s['model']} v{s['version']}, imgsz {s['imgsz']}, {s['precision']}, {len(s['classes'])} classes, "
-        f"{s['provider']}; "
+        f"{s['provider']}, letterbox {s['letterbox']}; "
         f"{s['images']} JPEG images ({s['image_pixels']} pixels, median {s['image_kb_median']} KB), "
         f"{s['rounds']} rounds, {report['duration_s']:.0f} s.",
         f"Serving: {cfg['instance_count']} instance(s) x {cfg['ort_threads'] or 'all'} onnxruntime thread(s), "

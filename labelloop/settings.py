@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     ort_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per instance; 0 = all cores.")
     max_batch_size: int = Field(8, ge=1, description="Triton max_batch_size; also the dynamic batch cap.")
     batch_delay_us: int = Field(0, ge=0, description="Dynamic batcher max queue delay (microseconds).")
+    rect: bool = Field(
+        True,
+        description="Letterbox each image to its smallest stride-multiple rectangle, not imgsz x imgsz "
+        "(ultralytics' predict default; less compute for non-square images).",
+    )
     conf: float = Field(0.25, ge=0, le=1, description="Default score threshold.")
     iou: float = Field(0.7, gt=0, le=1, description="Default NMS IoU threshold.")
     max_image_bytes: int = Field(50_000_000, gt=0, description="Largest encoded image accepted.")

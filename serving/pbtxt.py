@@ -27,6 +27,7 @@ class DetectorConfig:
     max_image_bytes: int = 50_000_000
     max_image_pixels: int = 60_000_000
     imgsz: int = 320
+    rect: bool = True
     tensorrt_fp16: bool = True
 
 
@@ -81,7 +82,14 @@ def render_python(cfg: DetectorConfig) -> str:
         + _instances(cfg)
         # Serve only the newest version that loads; older ones stay on disk for rollback.
         + "version_policy: { latest: { num_versions: 1 } }\n"
-        + _parameters({"stage": "full", "intra_op_threads": cfg.intra_op_threads, **_limits(cfg)})
+        + _parameters(
+            {
+                "stage": "full",
+                "intra_op_threads": cfg.intra_op_threads,
+                "rect": str(cfg.rect).lower(),
+                **_limits(cfg),
+            }
+        )
     )
 
 

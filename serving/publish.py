@@ -61,6 +61,7 @@ def detector_config(settings: Settings) -> DetectorConfig:
         max_image_bytes=settings.max_image_bytes,
         max_image_pixels=settings.max_image_pixels,
         imgsz=settings.imgsz,
+        rect=settings.rect,
     )
 
 
@@ -98,6 +99,7 @@ def build_model(settings: Settings, weights: Path, imgsz: int, folder: Path, ima
         iou=settings.iou,
         max_image_bytes=settings.max_image_bytes,
         max_image_pixels=settings.max_image_pixels,
+        rect=settings.rect,
     )
     try:
         result = quantize_int8(exported.onnx, folder / "model.int8.onnx", calibration, check, options)

@@ -34,7 +34,9 @@ from serving.triton.detector_ops import (
     Letterbox,
     decode_image,
     letterbox,
+    letterbox_stride,
     network_input,
+    parse_onnx_metadata,
     postprocess,
 )
 
@@ -63,6 +65,7 @@ class QuantizeOptions:
     iou: float
     max_image_bytes: int
     max_image_pixels: int
+    rect: bool
 
 
 @dataclass(frozen=True)
@@ -101,16 +104,19 @@ def split_images(paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:
 
 
 def _inputs(
-    paths: Sequence[Path], imgsz: tuple[int, int], options: QuantizeOptions
+    paths: Sequence[Path], session: Any, options: QuantizeOptions
 ) -> Iterator[tuple[npt.NDArray[np.float32], Letterbox]]:
-    """The exact tensors the Triton model would feed the network; unreadable files are skipped."""
+    """The exact tensors the Triton model would feed ``session``'s network; unreadable files are skipped."""
+    meta = parse_onnx_metadata(session.get_modelmeta().custom_metadata_map)
+    imgsz = meta.imgsz
+    stride = letterbox_stride(session.get_inputs()[0].shape, meta, options.rect)
     for path in paths:
         try:
             decoded = decode_image(path.read_bytes(), options.max_image_bytes, options.max_image_pixels, imgsz)
         except (OSError, ImageRejected) as exc:
             logger.warning("skipping %s: %s", path, exc)
             continue
-        padded, box = letterbox(decoded.pixels, imgsz, (decoded.width, decoded.height))
+        padded, box = letterbox(decoded.pixels, imgsz, (decoded.width, decoded.height), stride)
         yield network_input([padded]), box
 
 
@@ -133,8 +139,11 @@ def quantize_int8(
     """Write the INT8 version of ``src`` to ``out`` only if it passes the gate; else ``QuantizationError``."""
     if not check:
         raise QuantizationError("INT8 needs images held back to check it against FP32 (one in four: give at least 4)")
-    meta = check_onnx(src)
-    tensors = [x for x, _ in _inputs(calibration, meta.imgsz, options)]
+    import onnxruntime as ort
+
+    check_onnx(src)
+    session = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    tensors = [x for x, _ in _inputs(calibration, session, options)]
     if not tensors:
         raise QuantizationError("INT8 needs calibration images from the model's domain; none could be read")
     with tempfile.TemporaryDirectory(prefix="labelloop-int8-") as tmp:
@@ -224,9 +233,8 @@ def agreement(reference: Path, candidate: Path, images: Sequence[Path], options:
 
     sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (reference, candidate)]
     name = sessions[0].get_inputs()[0].name
-    imgsz = check_onnx(reference).imgsz
     matched = total = read = reference_count = 0
-    for x, box in _inputs(images, imgsz, options):
+    for x, box in _inputs(images, sessions[0], options):
         ref, cand = (postprocess(s.run(None, {name: x})[0][0], box, options.conf, options.iou) for s in sessions)
         matched += _matches(ref, cand)
         total += len(ref) + len(cand)

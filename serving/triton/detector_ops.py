@@ -23,6 +23,7 @@ __all__ = [
     "Letterbox",
     "decode_image",
     "letterbox",
+    "letterbox_stride",
     "network_input",
     "nms",
     "parse_onnx_metadata",
@@ -180,19 +181,33 @@ def _resized(width: int, height: int, size: tuple[int, int]) -> tuple[int, int]:
     return max(round(width * r), 1), max(round(height * r), 1)
 
 
+def letterbox_stride(input_shape: Sequence[object], meta: DetectorMeta, rect: bool) -> int | None:
+    """The stride to pad a minimum rectangle to, or None for the full ``imgsz`` square.
+
+    A rectangle needs a network whose height and width are dynamic (``labelloop export`` writes
+    them so); a fixed-size ONNX always gets the square it was exported for.
+    """
+    dynamic = not all(isinstance(d, int) for d in input_shape[2:4])
+    return meta.stride if rect and dynamic else None
+
+
 def letterbox(
-    img: np.ndarray, size: tuple[int, int], orig: tuple[int, int] | None = None
+    img: np.ndarray, size: tuple[int, int], orig: tuple[int, int] | None = None, stride: int | None = None
 ) -> tuple[np.ndarray, Letterbox]:
     """Resize keeping aspect ratio and pad with grey 114, centred (ultralytics ``LetterBox``).
 
     ``orig`` (width, height) is the full size when ``img`` is a reduced decode of the image: placement
     is computed from it, so the image lands exactly where the full decode would, and ``postprocess``
-    maps boxes back to full-size pixels.
+    maps boxes back to full-size pixels. With ``stride`` the padding stops at the next multiple of it
+    (ultralytics' ``auto``, what its predictor does for a dynamic-shape model): a 4:3 photo runs as
+    320x256 instead of 320x320, a fifth less compute.
     """
     h, w = img.shape[:2]
     orig_w, orig_h = orig if orig is not None else (w, h)
     out_h, out_w = size
     new_w, new_h = _resized(orig_w, orig_h, size)
+    if stride is not None:
+        out_w, out_h = new_w + (out_w - new_w) % stride, new_h + (out_h - new_h) % stride
     dw, dh = (out_w - new_w) / 2, (out_h - new_h) / 2
     if (w, h) != (new_w, new_h):
         img = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)

@@ -2,18 +2,20 @@
 
 One file, four roles, chosen by the config parameter ``stage``:
 
-``full`` (the default runtime): everything in one model.
+``full`` (the default runtime): everything in one model. With the ``rect`` parameter and an ONNX of
+    dynamic height/width, each image is letterboxed to its own minimum stride-multiple rectangle, as
+    ultralytics' predictor does; images of one shape run through onnxruntime together.
     IMAGE TYPE_STRING [B,1] -> DETECTIONS FP32 [B,N,6] (x1,y1,x2,y2,score,class_id; padded to the
     request's largest N), NUM_DETECTIONS INT32 [B,1], IMAGE_SIZE INT32 [B,2] (width, height after
     EXIF), MODEL_INFO TYPE_STRING [B,1] (JSON names/imgsz/version; sent only when requested),
     STAGE_MS FP32 [B,4] (this image's decode, preprocess, infer and NMS milliseconds, timed here; a
-    batch's infer time is shared evenly; only when requested, for ``labelloop bench``).
+    run's time is shared evenly among its images; only when requested, for ``labelloop bench``).
 ``preprocess`` / ``infer`` / ``postprocess``: the steps of the ensemble variant. On NVIDIA's
     container ``infer`` is replaced by the ONNX on the ``onnxruntime_onnx`` backend.
 
 Request parameters ``score_threshold`` and ``iou_threshold`` override the config defaults.
-Images from all requests of a dynamic batch run through onnxruntime together; an image that
-cannot be decoded fails only its own request.
+Images from all requests of a dynamic batch run through onnxruntime together (per network shape);
+an image that cannot be decoded fails only its own request.
 
 Threads on a CPU: a batch that runs while no other instance of this server executes uses
 ``intra_op_threads`` (all cores: lowest latency for a lone request); while other instances execute,
@@ -40,6 +42,7 @@ from detector_ops import (
     Letterbox,
     decode_image,
     letterbox,
+    letterbox_stride,
     network_input,
     parse_onnx_metadata,
     postprocess,
@@ -113,6 +116,7 @@ class TritonPythonModel:
         self.iou = float(_param(config, "iou_threshold", "0.7"))
         self.max_det = int(_param(config, "max_det", "300"))
         self.provider = "n/a"
+        self.stride: int | None = None
         if self.stage in ("full", "infer"):
             self._load_onnx(config, args, version_dir / _param(config, "onnx_file", "model.onnx"))
         else:
@@ -147,6 +151,8 @@ class TritonPythonModel:
         model_input = self.session.get_inputs()[0]
         self.input_name = model_input.name
         self.dynamic_batch = not isinstance(model_input.shape[0], int)
+        if self.stage == "full":
+            self.stride = letterbox_stride(model_input.shape, meta, _param(config, "rect", "true") == "true")
         self.gate = _CoreGate() if self.lane is not None else None
         # The first run allocates and optimises: do it before READY, not on a user's request.
         warm = np.zeros((1, 3, *self.imgsz), np.float32)
@@ -184,9 +190,9 @@ class TritonPythonModel:
             raise ImageRejected(f"score_threshold {conf} / iou_threshold {iou} out of range")
         return conf, iou
 
-    def _decode(self, request) -> tuple[np.ndarray, list[Letterbox], np.ndarray]:
-        """All images of one request, letterboxed to one float32 NCHW batch, with each image's
-        decode and preprocess seconds (STAGE_MS)."""
+    def _decode(self, request) -> tuple[list[np.ndarray], list[Letterbox], np.ndarray]:
+        """All images of one request, letterboxed (uint8 HWC), with each image's decode and letterbox
+        seconds (STAGE_MS)."""
         blobs = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)
         pixels, boxes = [], []
         clock = np.zeros((len(blobs), 2))
@@ -197,14 +203,29 @@ class TritonPythonModel:
             except ImageRejected as exc:
                 raise ImageRejected(f"image {k}: {exc}" if len(blobs) > 1 else str(exc)) from exc
             decoded = time.perf_counter()
-            padded, box = letterbox(img.pixels, self.imgsz, orig=(img.width, img.height))
+            padded, box = letterbox(img.pixels, self.imgsz, orig=(img.width, img.height), stride=self.stride)
             clock[k] = decoded - started, time.perf_counter() - decoded
             pixels.append(padded)
             boxes.append(box)
-        started = time.perf_counter()
-        batch = network_input(pixels)
-        clock[:, 1] += (time.perf_counter() - started) / len(blobs)
-        return batch, boxes, clock
+        return pixels, boxes, clock
+
+    def _run(self, pixels: list[np.ndarray], alone: bool) -> tuple[list[np.ndarray], np.ndarray]:
+        """Network outputs of letterboxed images, one onnxruntime run per shape, with each image's
+        share of the float conversion and of the run, in seconds."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for k, image in enumerate(pixels):
+            groups.setdefault(image.shape, []).append(k)
+        outputs: list = [None] * len(pixels)
+        clock = np.zeros((len(pixels), 2))
+        for members in groups.values():
+            started = time.perf_counter()
+            batch = network_input([pixels[k] for k in members])
+            converted = time.perf_counter()
+            raw = self._infer(batch, alone)
+            clock[members] = np.array([converted - started, time.perf_counter() - converted]) / len(members)
+            for row, k in enumerate(members):
+                outputs[k] = raw[row]
+        return outputs, clock
 
     def _execute_full(self, requests: list) -> list:
         if self.gate is None:
@@ -219,15 +240,8 @@ class TritonPythonModel:
                 prepared.append((*self._decode(request), *self._thresholds(request)))
             except ImageRejected as exc:
                 prepared.append(exc)
-        batches = [item[0] for item in prepared if not isinstance(item, Exception)]
-        infer_s = 0.0
-        if not batches:
-            raw = np.empty((0,), np.float32)
-        else:
-            batch = batches[0] if len(batches) == 1 else np.concatenate(batches)
-            started = time.perf_counter()
-            raw = self._infer(batch, alone)
-            infer_s = (time.perf_counter() - started) / len(raw)
+        pixels = [image for item in prepared if not isinstance(item, Exception) for image in item[0]]
+        raw, run_clock = self._run(pixels, alone) if pixels else ([], np.zeros((0, 2)))
         responses, offset = [], 0
         for request, item in zip(requests, prepared, strict=True):
             if isinstance(item, Exception):
@@ -239,8 +253,9 @@ class TritonPythonModel:
                 started = time.perf_counter()
                 dets.append(postprocess(raw[offset + k], box, conf, iou, self.max_det))
                 nms_s.append(time.perf_counter() - started)
+            ran = run_clock[offset : offset + len(boxes)]
             offset += len(boxes)
-            stages = np.column_stack([clock, np.full(len(boxes), infer_s), nms_s]) * 1e3
+            stages = np.column_stack([clock[:, 0], clock[:, 1] + ran[:, 0], ran[:, 1], nms_s]) * 1e3
             responses.append(self._detections(request, dets, boxes, stages))
         return responses
 
@@ -265,7 +280,8 @@ class TritonPythonModel:
         )
 
     def _preprocess(self, request) -> object:
-        batch, boxes, _ = self._decode(request)
+        pixels, boxes, _ = self._decode(request)
+        batch = network_input(pixels)
         meta = np.array([[b.orig_w, b.orig_h, b.new_w, b.new_h, b.left, b.top] for b in boxes], np.int32)
         return pb_utils.InferenceResponse(
             output_tensors=[pb_utils.Tensor("PIXELS", batch), pb_utils.Tensor("LETTERBOX", meta)]

@@ -22,7 +22,7 @@ from tests.conftest import TEST_IMGSZ, TritonHandle, make_settings, start_triton
 pytestmark = [pytest.mark.slow, pytest.mark.triton]
 
 OPTIONS = quantize.QuantizeOptions(
-    min_agreement=0.95, conf=0.25, iou=0.7, max_image_bytes=50_000_000, max_image_pixels=60_000_000
+    min_agreement=0.95, conf=0.25, iou=0.7, max_image_bytes=50_000_000, max_image_pixels=60_000_000, rect=True
 )
 
 

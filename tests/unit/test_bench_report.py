@@ -82,6 +82,7 @@ def _fake_run() -> tuple[Any, Any]:
         settings=Settings(),
         info=SimpleNamespace(name="defect_detector", version=3, classes=["a", "b"], provider="CPUExecutionProvider"),
         imgsz=320,
+        stride=32,
         images=[BenchImage("img000.jpg", b"x" * 2048, 640, 480), BenchImage("img001.jpg", b"x" * 1024, 320, 320)],
         plan=BenchPlan(images=2, rounds=1, block_images=64),
         seed_threads=2,
@@ -127,5 +128,6 @@ def test_markdown_and_png(tmp_path: Path) -> None:
     assert "| bridge_vs_seed_throughput | 2.25 | >= 2 | **no** |" in markdown
     assert "| (a) raw onnxruntime | 10.00 | 10.00 | 10.00 |" in markdown
     assert "Test CPU, 2 cores" in markdown and "imgsz 320, int8, " in markdown
+    assert "letterbox rect (stride 32);" in markdown
     write_png(report, tmp_path / "bench.png")
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

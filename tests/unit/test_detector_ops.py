@@ -12,10 +12,12 @@ from PIL import Image, ImageOps
 from serving.triton import detector_ops
 from serving.triton.detector_ops import (
     Decoded,
+    DetectorMeta,
     ImageRejected,
     Letterbox,
     decode_image,
     letterbox,
+    letterbox_stride,
     network_input,
     nms,
     parse_onnx_metadata,
@@ -34,6 +36,43 @@ def test_letterbox_matches_ultralytics(shape: tuple[int, int]) -> None:
     assert ours.shape == (320, 320, 3)
     np.testing.assert_array_equal(ours, theirs)
     assert (box.orig_w, box.orig_h) == (shape[1], shape[0])
+
+
+@pytest.mark.parametrize(
+    ("shape", "size", "rect"),
+    [
+        ((240, 400), (320, 320), (192, 320)),
+        ((400, 240), (320, 320), (320, 192)),
+        ((500, 180), (320, 320), (320, 128)),
+        ((97, 33), (320, 320), (320, 128)),
+        ((300, 300), (320, 320), (320, 320)),
+        ((321, 319), (320, 320), (320, 320)),
+        ((1080, 1920), (640, 640), (384, 640)),
+        ((480, 640), (320, 256), (192, 256)),
+    ],
+)
+def test_rect_letterbox_matches_ultralytics_auto(
+    shape: tuple[int, int], size: tuple[int, int], rect: tuple[int, int]
+) -> None:
+    from ultralytics.data.augment import LetterBox
+
+    img = np.random.default_rng(1).integers(0, 255, (*shape, 3), dtype=np.uint8)
+    ours, box = letterbox(img, size, stride=32)
+    theirs = LetterBox(size, auto=True, stride=32)(image=img)
+    assert ours.shape == (*rect, 3)
+    np.testing.assert_array_equal(ours, theirs)
+    # the image sits where the square letterbox puts it, less the padding dropped on each side
+    square_box = letterbox(img, size)[1]
+    assert (box.new_w, box.new_h) == (square_box.new_w, square_box.new_h)
+    assert (size[1] - rect[1]) // 2 == square_box.left - box.left
+
+
+def test_a_rectangle_needs_dynamic_height_and_width() -> None:
+    meta = DetectorMeta(names=("a",), imgsz=(320, 320), stride=32)
+    assert letterbox_stride(["batch", 3, "height", "width"], meta, rect=True) == 32
+    assert letterbox_stride(["batch", 3, "height", "width"], meta, rect=False) is None
+    assert letterbox_stride([1, 3, 320, 320], meta, rect=True) is None
+    assert letterbox_stride(["batch", 3, 320, 320], meta, rect=True) is None
 
 
 def test_postprocess_undoes_letterbox_like_scale_boxes() -> None:

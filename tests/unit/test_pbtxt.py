@@ -25,7 +25,9 @@ def test_python_variant() -> None:
     assert cfg.instance_group[0].count == 3
     assert cfg.version_policy.latest.num_versions == 1
     assert cfg.parameters["score_threshold"].string_value == "0.3"
+    assert cfg.parameters["rect"].string_value == "true"
     assert cfg.dynamic_batching.max_queue_delay_microseconds == 500
+    assert parse(render_python(DetectorConfig(rect=False))).parameters["rect"].string_value == "false"
 
 
 def test_onnxruntime_variant_has_tensorrt_fp16_on_gpu_only() -> None:
