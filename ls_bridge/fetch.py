@@ -26,6 +26,7 @@ import httpx
 from labelloop.errors import FetchError
 from labelloop.settings import Settings
 from ls_bridge.auth import LabelStudioAuth
+from ls_bridge.transport import AiohttpTransport
 
 __all__ = ["ImageFetcher", "make_auth"]
 
@@ -67,7 +68,7 @@ class ImageFetcher:
         self._client = httpx.AsyncClient(
             auth=self.auth,
             timeout=httpx.Timeout(settings.fetch_timeout_s),
-            limits=httpx.Limits(max_connections=settings.fetch_concurrency),
+            transport=AiohttpTransport(max_connections=settings.fetch_concurrency),
             follow_redirects=False,  # each hop is checked against the allowlist first
             trust_env=False,  # a proxy would contact hosts the allowlist never saw
         )

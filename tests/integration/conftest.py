@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import http.server
 import threading
 import time
@@ -94,7 +95,8 @@ def bridge_factory() -> Iterator[Callable[[Settings], BridgeServer]]:
 
 
 class _ImageHandler(http.server.SimpleHTTPRequestHandler):
-    """Files from a folder, plus ``/slow/<file>`` (answers after 2 s) and ``/redirect?to=<url>``."""
+    """Files from a folder, plus ``/slow/<file>`` (answers after 2 s), ``/redirect?to=<url>``,
+    ``/gzip/<file>`` (sent gzip-encoded) and ``/cut/<file>`` (the connection drops mid-body)."""
 
     server: ImageServer
 
@@ -104,6 +106,18 @@ class _ImageHandler(http.server.SimpleHTTPRequestHandler):
             self.send_response(302)
             self.send_header("Location", self.path.split("=", 1)[1])
             self.end_headers()
+            return
+        if self.path.startswith(("/gzip/", "/cut/")):
+            kind, name = self.path.strip("/").split("/", 1)
+            data = (self.server.root / name).read_bytes()
+            body = gzip.compress(data) if kind == "gzip" else data[: len(data) // 2]
+            self.send_response(200)
+            if kind == "gzip":
+                self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body) if kind == "gzip" else len(data)))
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
             return
         if self.path.startswith("/slow/"):
             time.sleep(2)

@@ -52,6 +52,15 @@ def test_time_limit(server: ImageServer) -> None:
         _fetch(server, "slow/image.bin", fetch_timeout_s=0.5)
 
 
+def test_content_encoding_is_decoded_once(server: ImageServer) -> None:
+    assert _fetch(server, "gzip/image.bin") == PAYLOAD
+
+
+def test_a_body_cut_short_is_a_fetch_error(server: ImageServer) -> None:
+    with pytest.raises(FetchError, match="RemoteProtocolError"):
+        _fetch(server, "cut/image.bin")
+
+
 def test_missing_file_is_a_fetch_error(server: ImageServer) -> None:
     with pytest.raises(FetchError, match="HTTP 404"):
         _fetch(server, "nothing-here.png")
