@@ -6,11 +6,13 @@ import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from labelloop.errors import FetchError
 from labelloop.settings import Settings
 from ls_bridge.fetch import ImageFetcher
+from ls_bridge.transport import AiohttpTransport
 from tests.integration.conftest import ImageServer
 
 PAYLOAD = bytes(range(256)) * 400  # 102400 bytes
@@ -59,6 +61,20 @@ def test_content_encoding_is_decoded_once(server: ImageServer) -> None:
 def test_a_body_cut_short_is_a_fetch_error(server: ImageServer) -> None:
     with pytest.raises(FetchError, match="RemoteProtocolError"):
         _fetch(server, "cut/image.bin")
+
+
+def test_the_transport_raises_httpx_errors(server: ImageServer) -> None:
+    """aiohttp's errors reach httpx (and so the fetcher's messages) as httpx's own transport raises them."""
+
+    async def get(path: str, timeout: float = 5.0) -> bytes:
+        async with httpx.AsyncClient(transport=AiohttpTransport(max_connections=2), timeout=timeout) as client:
+            return (await client.get(server.url(path))).content
+
+    assert asyncio.run(get("image.bin")) == PAYLOAD
+    with pytest.raises(httpx.ReadTimeout):
+        asyncio.run(get("slow/image.bin", timeout=0.3))
+    with pytest.raises(httpx.RemoteProtocolError):
+        asyncio.run(get("cut/image.bin"))
 
 
 def test_missing_file_is_a_fetch_error(server: ImageServer) -> None:
