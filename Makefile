@@ -19,6 +19,6 @@ test-quick:
 	.venv/bin/python -m pytest -ra -m "not slow"
 
 lint:
-	.venv/bin/ruff check labelloop serving ls_bridge trainer scripts tests
-	.venv/bin/ruff format --check labelloop serving ls_bridge trainer scripts tests
+	.venv/bin/ruff check core labelloop serving ls_bridge trainer scripts tests
+	.venv/bin/ruff format --check core labelloop serving ls_bridge trainer scripts tests
 	.venv/bin/mypy

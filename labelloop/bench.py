@@ -30,7 +30,6 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -40,20 +39,24 @@ import numpy.typing as npt
 import typer
 from tqdm import tqdm
 
+from core.console import fail
+from core.errors import ConfigError, InferenceError, LabelloopError
+from core.settings import Settings, load_settings
 from labelloop.bench_rig import (
+    FULL,
+    QUICK,
     BenchImage,
+    BenchPlan,
     BridgeProcess,
     ImageServer,
     ProcessMonitor,
+    Tally,
     free_port,
     label_config,
     machine_info,
     private_repository,
     render_images,
 )
-from labelloop.console import fail
-from labelloop.errors import ConfigError, InferenceError, LabelloopError
-from labelloop.settings import Settings, load_settings
 from serving.client import STAGES, DetectorClient, ModelInfo
 from serving.control import load_served_version
 from serving.launcher import TritonProcess
@@ -62,7 +65,7 @@ from serving.repository import ModelRepository
 if TYPE_CHECKING:
     from serving.triton.detector_ops import Letterbox
 
-__all__ = ["FULL", "QUICK", "BenchPlan", "Harness", "Tally", "app", "metric_sum", "parse_metrics", "run_bench"]
+__all__ = ["Harness", "app", "metric_sum", "parse_metrics", "run_bench"]
 
 logger = logging.getLogger(__name__)
 app = typer.Typer(no_args_is_help=True)
@@ -75,39 +78,6 @@ SETTLE_S = 0.1
 BRIDGE_START_S = 120.0
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)$")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
-@dataclass(frozen=True)
-class BenchPlan:
-    """How much to measure: images, rounds, and images per throughput block."""
-
-    images: int
-    rounds: int
-    block_images: int
-    seed: int = 2024
-
-
-QUICK = BenchPlan(images=16, rounds=3, block_images=64)
-FULL = BenchPlan(images=32, rounds=8, block_images=128)
-
-
-@dataclass
-class Tally:
-    """Everything measured, in seconds, before it becomes a report."""
-
-    latency: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
-    boxes: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
-    # (method, load) -> [images, seconds]
-    work: dict[tuple[str, str], list[float]] = field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0]))
-    stages: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
-    # bridge /metrics deltas over single-task requests: stage -> [seconds, images]
-    bridge_stages: dict[str, list[float]] = field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0]))
-    # Triton /metrics deltas per load: counter -> value
-    triton: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(float)))
-    json_s_per_task: list[float] = field(default_factory=list)
-    # CPU seconds per load and process role, and the images they were spent on
-    cpu: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(float)))
-    cpu_images: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
 Sample = tuple[str, dict[str, str], float]

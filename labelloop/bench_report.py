@@ -13,15 +13,13 @@ from __future__ import annotations
 import re
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from serving.client import STAGES
-
-if TYPE_CHECKING:
-    from labelloop.bench import Harness
-    from labelloop.bench_rig import ProcessMonitor
+from core.settings import Settings
+from labelloop.bench_rig import BenchImage, BenchPlan, ProcessMonitor, Tally
+from serving.client import STAGES, ModelInfo
 
 __all__ = ["METHODS", "RATIO_DEFINITIONS", "TARGETS", "build_report", "render_markdown", "write_png"]
 
@@ -135,6 +133,19 @@ def _load_order(load: str) -> int:
     """'batch 8', 'concurrency 2', '64 tasks/request' sort by their number."""
     match = re.search(r"\d+", load)
     return int(match.group()) if match else 0
+
+
+class Harness(Protocol):
+    """What the report reads of a bench run (``labelloop.bench.Harness`` is one)."""
+
+    settings: Settings
+    plan: BenchPlan
+    images: list[BenchImage]
+    info: ModelInfo
+    imgsz: int
+    stride: int | None
+    seed_threads: int
+    tally: Tally
 
 
 def _check(value: float, comparison: str, bound: float) -> bool:

@@ -17,8 +17,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,13 +27,17 @@ import httpx
 import numpy as np
 import psutil
 
-from labelloop.daemons import stop_group
-from labelloop.errors import ConfigError, RepositoryError, TritonUnavailableError
-from labelloop.settings import Settings
+from core.errors import ConfigError, RepositoryError, TritonUnavailableError
+from core.processes import stop_group
+from core.settings import Settings
 from serving.publish import detector_config
 from serving.repository import ModelRepository
 
 __all__ = [
+    "FULL",
+    "QUICK",
+    "BenchPlan",
+    "Tally",
     "BenchImage",
     "BridgeProcess",
     "ImageServer",
@@ -50,6 +55,39 @@ logger = logging.getLogger(__name__)
 JPEG_QUALITY = 90
 _BRIDGE_STOP_S = 15.0
 _POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    """How much to measure: images, rounds, and images per throughput block."""
+
+    images: int
+    rounds: int
+    block_images: int
+    seed: int = 2024
+
+
+QUICK = BenchPlan(images=16, rounds=3, block_images=64)
+FULL = BenchPlan(images=32, rounds=8, block_images=128)
+
+
+@dataclass
+class Tally:
+    """Everything measured, in seconds, before it becomes a report."""
+
+    latency: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    boxes: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+    # (method, load) -> [images, seconds]
+    work: dict[tuple[str, str], list[float]] = field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0]))
+    stages: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    # bridge /metrics deltas over single-task requests: stage -> [seconds, images]
+    bridge_stages: dict[str, list[float]] = field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0]))
+    # Triton /metrics deltas per load: counter -> value
+    triton: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(float)))
+    json_s_per_task: list[float] = field(default_factory=list)
+    # CPU seconds per load and process role, and the images they were spent on
+    cpu: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(float)))
+    cpu_images: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
+from core.console import fail
+from core.errors import LabelloopError
+from core.settings import load_settings, reference_markdown
 from labelloop import bench, stack
-from labelloop.console import fail
-from labelloop.errors import LabelloopError
-from labelloop.settings import load_settings, reference_markdown
 from ls_bridge import cli as bridge_cli
 from serving import cli as serving_cli
 from trainer import cli as trainer_cli

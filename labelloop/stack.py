@@ -21,11 +21,11 @@ from typing import Annotated, Any
 import httpx
 import typer
 
-from labelloop.console import fail
-from labelloop.daemons import Daemon
-from labelloop.errors import ConfigError, LabelloopError, LabelStudioError, TritonUnavailableError
-from labelloop.settings import Settings, load_settings
-from labelloop.studio import (
+from core.console import fail
+from core.errors import ConfigError, LabelloopError, LabelStudioError, TritonUnavailableError
+from core.processes import Daemon
+from core.settings import Settings, load_settings
+from core.studio import (
     DEFECT_LABEL_CONFIG,
     Credentials,
     StudioAdmin,
@@ -33,8 +33,7 @@ from labelloop.studio import (
     label_studio_environment,
     load_or_create_credentials,
 )
-from serving.client import ModelInfo
-from serving.publish import make_client
+from serving.client import ModelInfo, make_client
 from serving.repository import ModelRepository
 
 __all__ = ["app", "stack_status"]

@@ -24,11 +24,11 @@ from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
-from labelloop.errors import ConfigError, LabelloopError, TritonUnavailableError
-from labelloop.settings import Settings
+from core.errors import ConfigError, LabelloopError, TritonUnavailableError
+from core.events import EventStore
+from core.fetch import ImageFetcher
+from core.settings import Settings
 from ls_bridge.controls import plan_for_config
-from ls_bridge.events import EventStore
-from ls_bridge.fetch import ImageFetcher
 from ls_bridge.metrics import BridgeMetrics
 from ls_bridge.predictor import Predictor, model_version_name
 from ls_bridge.schemas import (
@@ -41,8 +41,7 @@ from ls_bridge.schemas import (
     WebhookEvent,
     WebhookResponse,
 )
-from serving.client import DetectorClient
-from serving.publish import make_client
+from serving.client import DetectorClient, make_client
 
 __all__ = ["BridgeState", "create_app"]
 

@@ -10,12 +10,12 @@ from typing import Annotated
 import typer
 import uvicorn
 
-from labelloop.console import fail
-from labelloop.errors import ConfigError, LabelloopError
-from labelloop.settings import load_settings
+from core.console import fail
+from core.errors import ConfigError, LabelloopError
+from core.processes import port_in_use
+from core.settings import load_settings
 from ls_bridge.app import create_app
 from ls_bridge.prelabel import prelabel_project
-from serving.launcher import port_in_use
 
 __all__ = ["app"]
 

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from label_studio_sdk.label_interface.interface import LabelInterface
 
-from labelloop.errors import ConfigError
+from core.errors import ConfigError
 from ls_bridge.geometry import PixelBox, pixels_to_percent
 from ls_bridge.schemas import RectangleRegion, RectangleValue
 from serving.client import ImageDetections

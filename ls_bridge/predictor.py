@@ -15,10 +15,10 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from labelloop.errors import FetchError, LabelloopError, TritonUnavailableError
-from labelloop.settings import Settings
+from core.errors import FetchError, LabelloopError, TritonUnavailableError
+from core.fetch import ImageFetcher
+from core.settings import Settings
 from ls_bridge.controls import LabelPlan, plan_for_config
-from ls_bridge.fetch import ImageFetcher
 from ls_bridge.metrics import BridgeMetrics
 from ls_bridge.schemas import Prediction, Task
 from serving.client import DetectorClient, ImageDetections, ModelInfo

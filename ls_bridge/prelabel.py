@@ -12,14 +12,14 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from labelloop.errors import ConfigError
-from labelloop.settings import Settings
-from ls_bridge.fetch import ImageFetcher, make_auth
+from core.errors import ConfigError
+from core.fetch import ImageFetcher, make_auth
+from core.settings import Settings
 from ls_bridge.metrics import BridgeMetrics
 from ls_bridge.predictor import Predictor
 from ls_bridge.schemas import Task
 from ls_bridge.studio_api import StudioAPI
-from serving.publish import make_client
+from serving.client import make_client
 
 __all__ = ["PrelabelReport", "prelabel_project"]
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import httpx
 
-from labelloop.errors import LabelStudioError
-from ls_bridge.auth import LabelStudioAuth
+from core.errors import LabelStudioError
+from core.studio_auth import LabelStudioAuth
 from ls_bridge.schemas import Prediction, Task
 
 __all__ = ["StudioAPI"]

@@ -13,13 +13,13 @@ from typing import Annotated, Any
 
 import typer
 
-from labelloop.console import fail
-from labelloop.errors import ConfigError, LabelloopError, RepositoryError
-from labelloop.settings import Settings, load_settings
-from serving.client import DetectorClient, ImageDetections, ModelInfo
+from core.console import fail
+from core.errors import ConfigError, LabelloopError, RepositoryError
+from core.settings import Settings, load_settings
+from serving.client import DetectorClient, ImageDetections, ModelInfo, make_client
 from serving.control import load_served_version
 from serving.launcher import TritonProcess
-from serving.publish import detector_config, make_client, precision_summary, publish_weights
+from serving.publish import detector_config, precision_summary, publish_weights
 from serving.repository import ModelCard, ModelRepository
 from serving.variants import write_ensemble_repository
 

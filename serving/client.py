@@ -24,9 +24,10 @@ from PIL import Image
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
-from labelloop.errors import ImageError, InferenceError, LabelloopError, TritonUnavailableError
+from core.errors import ImageError, InferenceError, LabelloopError, TritonUnavailableError
+from core.settings import Settings
 
-__all__ = ["Detection", "DetectorClient", "ImageDetections", "ModelInfo", "probe_image"]
+__all__ = ["Detection", "DetectorClient", "ImageDetections", "ModelInfo", "make_client", "probe_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -302,3 +303,14 @@ async def open_client(
         yield client
     finally:
         await client.close()
+
+
+def make_client(settings: Settings) -> DetectorClient:
+    """The client for the configured model, with the configured deadline, concurrency and retries."""
+    return DetectorClient(
+        settings.triton_url,
+        settings.model_name,
+        timeout_s=settings.triton_timeout_s,
+        concurrency=settings.triton_concurrency,
+        retries=settings.triton_retries,
+    )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from labelloop.errors import LabelloopError, PublishError, RepositoryError
+from core.errors import LabelloopError, PublishError, RepositoryError
 from serving.client import DetectorClient, ModelInfo, config_from_pbtxt
 from serving.repository import ModelRepository
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from labelloop.errors import RepositoryError
+from core.errors import RepositoryError
 from serving.triton.detector_ops import DetectorMeta, parse_onnx_metadata
 
 __all__ = [

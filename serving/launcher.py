@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 
-from labelloop.daemons import stop_group
-from labelloop.errors import ConfigError, TritonUnavailableError
+from core.errors import ConfigError, TritonUnavailableError
+from core.processes import port_in_use, stop_group
 
-__all__ = ["TritonInstall", "TritonProcess", "find_triton", "port_in_use"]
+__all__ = ["TritonInstall", "TritonProcess", "find_triton"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,16 +53,6 @@ def find_triton() -> TritonInstall:
     if not install.stub.is_file():
         raise ConfigError(f"no python backend stub for Python {py} at {install.stub}")
     return install
-
-
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
 
 
 def _prepare_backends(install: TritonInstall, state_dir: Path) -> Path:

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from labelloop.errors import ConfigError, QuantizationError
-from labelloop.settings import Precision, Settings
-from serving.client import DetectorClient, ModelInfo
+from core.errors import ConfigError, QuantizationError
+from core.settings import Precision, Settings
+from serving.client import ModelInfo, make_client
 from serving.control import activate_version
 from serving.pbtxt import DetectorConfig
 from serving.repository import ModelCard, ModelRepository
@@ -29,23 +29,12 @@ __all__ = [
     "BuiltModel",
     "build_model",
     "detector_config",
-    "make_client",
     "precision_summary",
     "publish_built",
     "publish_weights",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def make_client(settings: Settings) -> DetectorClient:
-    return DetectorClient(
-        settings.triton_url,
-        settings.model_name,
-        timeout_s=settings.triton_timeout_s,
-        concurrency=settings.triton_concurrency,
-        retries=settings.triton_retries,
-    )
 
 
 def detector_config(settings: Settings) -> DetectorConfig:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from labelloop.errors import QuantizationError
+from core.errors import QuantizationError
 from serving.export import check_onnx, save_for_triton
 from serving.triton.detector_ops import (
     ImageRejected,

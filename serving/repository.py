@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from labelloop.errors import RepositoryError
+from core.errors import RepositoryError
 from serving.pbtxt import DetectorConfig, render_python
 
 __all__ = [

@@ -14,7 +14,7 @@ import uuid
 from importlib import resources
 from pathlib import Path
 
-from labelloop.errors import RepositoryError
+from core.errors import RepositoryError
 from serving.pbtxt import DetectorConfig, render_core_onnx, render_ensemble, render_stage
 from serving.repository import CARD_FILE, ONNX_FILE, ModelRepository
 

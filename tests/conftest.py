@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from labelloop.settings import Settings
+from core.settings import Settings
 from serving.client import ModelInfo
 from serving.launcher import TritonProcess
 from serving.publish import publish_weights
@@ -102,8 +102,8 @@ class TritonHandle:
 
 def start_triton(repo: Path, state: Path) -> TritonHandle:
     """Start a real tritonserver on free loopback ports and load the detector."""
+    from serving.client import make_client
     from serving.control import load_served_version
-    from serving.publish import make_client
     from serving.repository import ModelRepository
 
     process = TritonProcess(repo, state, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())

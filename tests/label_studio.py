@@ -9,7 +9,7 @@
         tasks = api.tasks(project)                               # with their predictions
 
 Label Studio runs on loopback only, started exactly as ``labelloop up`` starts it
-(``labelloop.studio``; field notes 4 and 6): legacy tokens enabled at first start,
+(``core.studio``; field notes 4 and 6): legacy tokens enabled at first start,
 ``ML_BLOCK_LOCAL_IP=false`` and ``SSRF_PROTECTION_ENABLED=false`` so a backend on 127.0.0.1 may be
 connected, local-file serving under ``document_root``, and no version check, analytics or Sentry.
 The first start of a fresh data folder runs migrations (about 40-60 s); its log is
@@ -29,8 +29,8 @@ from typing import Any
 
 import httpx
 
-from labelloop.daemons import stop_group
-from labelloop.studio import Credentials, label_studio_command, label_studio_environment
+from core.processes import stop_group
+from core.studio import Credentials, label_studio_command, label_studio_environment
 
 __all__ = ["LABEL_STUDIO_BIN", "LabelStudioAPI", "LabelStudioServer"]
 

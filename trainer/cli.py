@@ -18,9 +18,9 @@ from typing import Annotated, Any
 
 import typer
 
-from labelloop.console import fail
-from labelloop.errors import ConfigError, LabelloopError
-from labelloop.settings import Settings, load_settings
+from core.console import fail
+from core.errors import ConfigError, LabelloopError
+from core.settings import Settings, load_settings
 from serving.publish import precision_summary
 from trainer.dataset import summary_table
 from trainer.evaluate import EvalResult

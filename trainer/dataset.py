@@ -36,7 +36,7 @@ from xml.etree import ElementTree
 import yaml
 from PIL import Image, UnidentifiedImageError
 
-from labelloop.errors import DatasetError
+from core.errors import DatasetError
 from serving.repository import sha256_file
 
 __all__ = [

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from labelloop.errors import DatasetError
+from core.errors import DatasetError
 from serving.export import configure_ultralytics_offline
 from trainer.dataset import dataset_names
 from trainer.train import map_ultralytics_errors, pick_device

@@ -24,8 +24,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from labelloop.errors import ConfigError, LabelloopError, TrainingError
-from labelloop.settings import Settings
+from core.errors import ConfigError, LabelloopError, TrainingError
+from core.settings import Settings
 from serving.publish import build_model
 from trainer.dataset import HOLDOUT_DIR, Dataset, build_dataset
 from trainer.evaluate import EvalResult, evaluate
@@ -468,7 +468,7 @@ def watch(
     ``project`` is used for events that name none. Runs happen here, in this process, never in
     the bridge; the training lock keeps them one at a time with ``labelloop train``.
     """
-    from ls_bridge.events import ANNOTATION_ACTIONS, EventStore
+    from core.events import ANNOTATION_ACTIONS, EventStore
 
     stop = stop or threading.Event()
     folder = trainer_dir(settings)

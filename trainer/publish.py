@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from labelloop.errors import LabelloopError, PublishError, RepositoryError
-from labelloop.settings import Settings
-from serving.client import ModelInfo
+from core.errors import LabelloopError, PublishError, RepositoryError
+from core.settings import Settings
+from serving.client import ModelInfo, make_client
 from serving.control import activate_version
-from serving.publish import BuiltModel, detector_config, make_client, publish_built
+from serving.publish import BuiltModel, detector_config, publish_built
 from serving.repository import ModelCard, ModelRepository
 from trainer.history import History
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from labelloop.settings import Settings
+from core.settings import Settings
 from trainer.evaluate import EvalResult
 
 __all__ = ["Decision", "Rules", "decide"]

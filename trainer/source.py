@@ -2,7 +2,7 @@
 
 Both give :class:`SourceData`: local image files with boxes by class name, and the source's own
 class order (used only when no model is served yet). The API path reads the project's tasks with
-their annotations, and downloads images with the bridge's :class:`ls_bridge.fetch.ImageFetcher`
+their annotations, and downloads images with the bridge's :class:`core.fetch.ImageFetcher`
 (uploads, local files, presigned cloud URLs, allowed http(s) hosts; same limits and credentials).
 """
 
@@ -17,9 +17,9 @@ from typing import Any, Protocol
 
 import httpx
 
-from labelloop.errors import ConfigError, DatasetError, FetchError, LabelStudioError
-from labelloop.settings import Settings
-from ls_bridge.fetch import ImageFetcher, make_auth
+from core.errors import ConfigError, DatasetError, FetchError, LabelStudioError
+from core.fetch import ImageFetcher, make_auth
+from core.settings import Settings
 from trainer.dataset import LabelledImage, TaskLabels, labels_from_tasks, read_yolo_export
 
 __all__ = ["ExportSource", "ProjectSource", "Source", "SourceData"]

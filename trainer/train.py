@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from labelloop.errors import TrainingError
+from core.errors import TrainingError
 from serving.export import configure_ultralytics_offline
 
 __all__ = ["DEFAULT_MODEL_YAML", "TrainResult", "map_ultralytics_errors", "pick_device", "train_detector"]

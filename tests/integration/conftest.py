@@ -15,8 +15,8 @@ import httpx
 import pytest
 import uvicorn
 
+from core.settings import Settings
 from labelloop.bench_rig import LoopbackHTTPServer
-from labelloop.settings import Settings
 from ls_bridge.app import create_app
 from ls_bridge.geometry import PercentBox, percent_to_pixels
 from tests.conftest import free_port

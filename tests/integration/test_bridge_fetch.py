@@ -9,10 +9,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from labelloop.errors import FetchError
-from labelloop.settings import Settings
-from ls_bridge.fetch import ImageFetcher
-from ls_bridge.transport import AiohttpTransport
+from core.errors import FetchError
+from core.fetch import ImageFetcher
+from core.settings import Settings
+from core.transport import AiohttpTransport
 from tests.integration.conftest import ImageServer
 
 PAYLOAD = bytes(range(256)) * 400  # 102400 bytes

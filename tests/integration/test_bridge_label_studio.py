@@ -19,10 +19,10 @@ from PIL import Image
 from pydantic import SecretStr
 from typer.testing import CliRunner
 
+from core.events import EventStore
+from core.settings import Settings
+from core.studio import DEFECT_LABEL_CONFIG as SEED_CONFIG
 from labelloop.cli import app
-from labelloop.settings import Settings
-from labelloop.studio import DEFECT_LABEL_CONFIG as SEED_CONFIG
-from ls_bridge.events import EventStore
 from tests.conftest import TritonHandle
 from tests.integration.conftest import BridgeServer, assert_regions_match
 from tests.label_studio import LabelStudioServer

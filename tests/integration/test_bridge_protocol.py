@@ -15,12 +15,11 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from labelloop.settings import Settings
-from labelloop.studio import DEFECT_LABEL_CONFIG as SEED_CONFIG
-from ls_bridge.events import EventStore
-from serving.client import ImageDetections
+from core.events import EventStore
+from core.settings import Settings
+from core.studio import DEFECT_LABEL_CONFIG as SEED_CONFIG
+from serving.client import ImageDetections, make_client
 from serving.control import activate_version
-from serving.publish import make_client
 from serving.repository import ModelCard, ModelRepository
 from tests.conftest import TritonHandle, free_port
 from tests.integration.conftest import BridgeServer, ImageServer, assert_regions_match

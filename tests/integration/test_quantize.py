@@ -12,10 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 import serving.quantize as quantize
+from core.errors import ConfigError, QuantizationError
 from labelloop.cli import app
-from labelloop.errors import ConfigError, QuantizationError
-from serving.client import Detection
-from serving.publish import build_model, make_client
+from serving.client import Detection, make_client
+from serving.publish import build_model
 from serving.repository import ModelRepository
 from tests.conftest import TEST_IMGSZ, TritonHandle, make_settings, start_triton
 

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
+from core.errors import ConfigError
 from labelloop.cli import app
-from labelloop.errors import ConfigError
 from serving import launcher
 from tests.conftest import free_port
 

@@ -15,11 +15,11 @@ import pytest
 from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
+from core.errors import ImageError, TritonUnavailableError
+from core.settings import Settings
 from labelloop.cli import app
-from labelloop.errors import ImageError, TritonUnavailableError
-from labelloop.settings import Settings
-from serving.client import STAGES, DetectorClient, ImageDetections
-from serving.publish import detector_config, make_client, publish_weights
+from serving.client import STAGES, DetectorClient, ImageDetections, make_client
+from serving.publish import detector_config, publish_weights
 from serving.repository import ModelCard, ModelRepository
 from tests.conftest import TEST_IMGSZ, TritonHandle
 

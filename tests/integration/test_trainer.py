@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from labelloop.errors import InferenceError, PublishError
-from labelloop.settings import Settings
-from serving.client import DetectorClient
-from serving.publish import BuiltModel, build_model, make_client, publish_weights
+from core.errors import InferenceError, PublishError
+from core.settings import Settings
+from serving.client import DetectorClient, make_client
+from serving.publish import BuiltModel, build_model, publish_weights
 from serving.repository import ModelCard, ModelRepository, sha256_file
 from tests.conftest import TEST_IMGSZ, TritonHandle, free_port
 from trainer import cli, pipeline

@@ -18,8 +18,8 @@ from PIL import Image, ImageOps
 from pydantic import SecretStr
 from typer.testing import CliRunner
 
-from labelloop.settings import Settings
-from ls_bridge.events import EventStore
+from core.events import EventStore
+from core.settings import Settings
 from ls_bridge.predictor import model_version_name
 from tests.conftest import TEST_IMGSZ, TritonHandle
 from tests.integration.conftest import BridgeServer

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from labelloop.bench import BenchPlan, Tally, metric_sum, parse_metrics
+from core.settings import Settings
+from labelloop.bench import metric_sum, parse_metrics
 from labelloop.bench_report import TARGETS, build_report, render_markdown, write_png
-from labelloop.bench_rig import BenchImage, label_config
-from labelloop.settings import Settings
+from labelloop.bench_rig import BenchImage, BenchPlan, Tally, label_config
 from ls_bridge.controls import plan_for_config
 from ls_bridge.metrics import BridgeMetrics
 

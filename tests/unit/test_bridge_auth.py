@@ -15,8 +15,8 @@ import time
 import httpx
 import pytest
 
-from labelloop.errors import LabelStudioError
-from ls_bridge.auth import LabelStudioAuth, token_kind
+from core.errors import LabelStudioError
+from core.studio_auth import LabelStudioAuth, token_kind
 
 LS = "http://ls.test:8080"
 LEGACY = "0123456789abcdef0123456789abcdef01234567"

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from labelloop.errors import ConfigError
-from labelloop.studio import DEFECT_LABEL_CONFIG as SEED_CONFIG
+from core.errors import ConfigError
+from core.studio import DEFECT_LABEL_CONFIG as SEED_CONFIG
 from ls_bridge.controls import RectangleLabelsModel, build_label_map, plan_for_config
 from serving.client import Detection, ImageDetections, ModelInfo
 

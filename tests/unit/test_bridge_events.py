@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from labelloop.settings import Settings
-from ls_bridge.events import ANNOTATION_ACTIONS, EventStore
+from core.events import ANNOTATION_ACTIONS, EventStore
+from core.settings import Settings
 
 ANNOTATION = {
     "action": "ANNOTATION_CREATED",

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from labelloop.errors import FetchError
-from labelloop.settings import Settings
-from ls_bridge.fetch import ImageFetcher
+from core.errors import FetchError
+from core.fetch import ImageFetcher
+from core.settings import Settings
 
 
 def _resolve(url: str, task_id: int | None = 12, **settings: object) -> str:

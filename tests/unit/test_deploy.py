@@ -61,7 +61,7 @@ def test_every_core_backend_writes_configs_triton_can_parse(core: str, tmp_path:
 
 
 def test_unknown_core_backend_is_refused(tmp_path: Path) -> None:
-    from labelloop.errors import RepositoryError
+    from core.errors import RepositoryError
 
     repo = ModelRepository(tmp_path / "src")
     repo.write_config(DetectorConfig())

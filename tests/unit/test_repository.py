@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from labelloop.errors import RepositoryError
+from core.errors import RepositoryError
 from serving.pbtxt import DetectorConfig
 from serving.repository import ModelCard, ModelRepository
 

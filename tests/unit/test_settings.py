@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from labelloop.errors import ConfigError
-from labelloop.settings import CONFIG_ENV, load_settings
+from core.errors import ConfigError
+from core.settings import CONFIG_ENV, load_settings
 
 
 def test_defaults() -> None:
@@ -53,7 +53,7 @@ def test_readme_configuration_reference_is_current() -> None:
     """The README's table is generated (`labelloop config --reference`): regenerate it when fields change."""
     from pathlib import Path
 
-    from labelloop.settings import reference_markdown
+    from core.settings import reference_markdown
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert reference_markdown() in readme

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from labelloop.errors import DatasetError
+from core.errors import DatasetError
 from trainer.dataset import (
     HOLDOUT_DIR,
     Box,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from labelloop.errors import TrainingError
+from core.errors import TrainingError
 from trainer.evaluate import EvalResult
 from trainer.history import HOLDOUT_SET, History
 from trainer.pipeline import judge, training_lock

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from labelloop.errors import PublishError
-from labelloop.settings import Settings
+from core.errors import PublishError
+from core.settings import Settings
 from serving.publish import detector_config
 from serving.repository import ModelCard, ModelRepository
 from tests.conftest import free_port

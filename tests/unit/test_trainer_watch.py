@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from labelloop.errors import LabelStudioError
-from labelloop.settings import Settings
-from ls_bridge.events import EventStore
+from core.errors import LabelStudioError
+from core.events import EventStore
+from core.settings import Settings
 from trainer import pipeline
 from trainer.pipeline import RunOptions, watch
 

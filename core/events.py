@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from labelloop.settings import Settings
+from core.settings import Settings
 
 __all__ = ["ANNOTATION_ACTIONS", "EventStore", "StoredEvent"]
 

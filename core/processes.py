@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-__all__ = ["Daemon", "DaemonRecord", "stop_group"]
+__all__ = ["Daemon", "DaemonRecord", "port_in_use", "stop_group"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,3 +143,14 @@ def stop_group(proc: subprocess.Popen[bytes], name: str, timeout_s: float) -> No
         logger.warning("%s did not stop in %.0fs; killing it", name, timeout_s)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether binding this address would fail: something else listens there."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from labelloop.errors import LabelloopError
+from core.errors import LabelloopError
 
 __all__ = ["fail"]
 

@@ -22,7 +22,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from labelloop.errors import ConfigError
+from core.errors import ConfigError
 
 __all__ = ["CONFIG_ENV", "Precision", "Settings", "get_settings", "load_settings", "reference_markdown"]
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from labelloop.errors import LabelStudioError
+from core.errors import LabelStudioError
 
 __all__ = [
     "DEFECT_LABEL_CONFIG",

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import httpx
 
-from labelloop.errors import LabelStudioError
+from core.errors import LabelStudioError
 
 __all__ = ["LabelStudioAuth", "token_kind"]
 

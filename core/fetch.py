@@ -23,10 +23,10 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from labelloop.errors import FetchError
-from labelloop.settings import Settings
-from ls_bridge.auth import LabelStudioAuth
-from ls_bridge.transport import AiohttpTransport
+from core.errors import FetchError
+from core.settings import Settings
+from core.studio_auth import LabelStudioAuth
+from core.transport import AiohttpTransport
 
 __all__ = ["ImageFetcher", "make_auth"]
 
