@@ -154,7 +154,8 @@ class Harness:
 
     def _prepare(self, data: bytes) -> tuple[Tensor, Letterbox]:
         """Decode, letterbox and scale to NCHW float32, exactly as the Triton model does."""
-        from serving.triton.detector_ops import decode_image, letterbox, network_input
+        from core.image_decode import decode_image
+        from serving.triton.detector_ops import letterbox, network_input
 
         size = (self.imgsz, self.imgsz)
         img = decode_image(data, self.settings.max_image_bytes, self.settings.max_image_pixels, target=size)

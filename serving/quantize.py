@@ -28,11 +28,10 @@ import numpy as np
 import numpy.typing as npt
 
 from core.errors import QuantizationError
+from core.image_decode import ImageRejected, decode_image
 from serving.export import check_onnx, save_for_triton
 from serving.triton.detector_ops import (
-    ImageRejected,
     Letterbox,
-    decode_image,
     letterbox,
     letterbox_stride,
     network_input,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import RepositoryError
+from core.files import write_atomic
 from serving.pbtxt import DetectorConfig, render_python
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "ModelRepository",
     "ONNX_FILE",
     "WEIGHTS_FILE",
+    "runtime_files",
     "sha256_file",
 ]
 
@@ -38,7 +40,8 @@ logger = logging.getLogger(__name__)
 ONNX_FILE = "model.onnx"
 WEIGHTS_FILE = "weights.pt"
 CARD_FILE = "card.json"
-_RUNTIME_FILES = ("model.py", "detector_ops.py")
+# Copied into every version folder: (package, file); Triton imports each by its file name.
+_RUNTIME_FILES = (("serving.triton", "model.py"), ("serving.triton", "detector_ops.py"), ("core", "image_decode.py"))
 _SET_ASIDE_PREFIX = ".failed-"
 
 
@@ -80,12 +83,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class ModelRepository:
@@ -136,7 +133,7 @@ class ModelRepository:
         path = model_dir / "config.pbtxt"
         text = render_python(cfg)
         if not path.is_file() or path.read_text() != text:
-            _write_atomic(path, text)
+            write_atomic(path, text)
         return path
 
     @contextmanager
@@ -208,10 +205,14 @@ class ModelRepository:
         return dst
 
 
+def runtime_files() -> dict[str, bytes]:
+    """The python-backend code every version folder carries, by file name."""
+    return {fname: (resources.files(package) / fname).read_bytes() for package, fname in _RUNTIME_FILES}
+
+
 def _write_runtime(folder: Path) -> None:
-    runtime = resources.files("serving") / "triton"
-    for fname in _RUNTIME_FILES:
-        (folder / fname).write_bytes((runtime / fname).read_bytes())
+    for fname, data in runtime_files().items():
+        (folder / fname).write_bytes(data)
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -11,20 +11,17 @@ import logging
 import os
 import shutil
 import uuid
-from importlib import resources
 from pathlib import Path
 
 from core.errors import RepositoryError
 from serving.pbtxt import DetectorConfig, render_core_onnx, render_ensemble, render_stage
-from serving.repository import CARD_FILE, ONNX_FILE, ModelRepository
+from serving.repository import CARD_FILE, ONNX_FILE, ModelRepository, runtime_files
 
 __all__ = ["CORE_BACKENDS", "write_ensemble_repository"]
 
 logger = logging.getLogger(__name__)
 
 CORE_BACKENDS = ("onnxruntime", "python", "tensorrt")
-
-_RUNTIME_FILES = ("model.py", "detector_ops.py")
 
 
 def _write_model(out: Path, model: str, config: str, version: int, files: dict[str, bytes]) -> None:
@@ -60,8 +57,7 @@ def write_ensemble_repository(
             version,
         )
     cfg = DetectorConfig(**{**cfg.__dict__, "imgsz": card.imgsz})
-    runtime = resources.files("serving") / "triton"
-    code = {name: (runtime / name).read_bytes() for name in _RUNTIME_FILES}
+    code = runtime_files()
     card_bytes = (source.version_dir(cfg.name, version) / CARD_FILE).read_bytes()
     onnx = source.onnx_path(cfg.name, version).read_bytes()
     out.mkdir(parents=True, exist_ok=True)

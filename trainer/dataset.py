@@ -37,6 +37,7 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 
 from core.errors import DatasetError
+from core.files import write_json_atomic
 from serving.repository import sha256_file
 
 __all__ = [
@@ -533,12 +534,6 @@ def _boxes_from_json(rows: Sequence[Sequence[Any]]) -> tuple[Box, ...]:
     return tuple(Box(str(r[0]), float(r[1]), float(r[2]), float(r[3]), float(r[4])) for r in rows)
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _summarise(entries: Sequence[tuple[str, str, tuple[Box, ...]]], classes: Sequence[str]) -> SplitSummary:
     boxes = dict.fromkeys(classes, 0)
     images_per_class = dict.fromkeys(classes, 0)
@@ -606,7 +601,7 @@ class _Holdout:
             (labels / f"{Path(file).stem}.txt").write_text(_label_text(boxes, ids), encoding="utf-8")
         # ultralytics keys its label cache on file sizes: a class-id change of equal length would go unseen.
         (self.folder / "labels.cache").unlink(missing_ok=True)
-        _write_json_atomic(self.manifest_path, self.manifest)
+        write_json_atomic(self.manifest_path, self.manifest)
 
 
 def build_dataset(
@@ -709,7 +704,7 @@ def build_dataset(
             encoding="utf-8",
         )
         summaries = {s: _summarise(split_entries[s], classes) for s in SPLITS}
-        _write_json_atomic(
+        write_json_atomic(
             staging / "dataset.json",
             {"hash": dataset_hash, "classes": list(classes), "splits": {s: asdict(v) for s, v in summaries.items()}},
         )

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ConfigError, LabelloopError, TrainingError
+from core.files import write_json_atomic
 from core.settings import Settings
 from serving.publish import build_model
 from trainer.dataset import HOLDOUT_DIR, Dataset, build_dataset
@@ -441,10 +442,8 @@ class _WatchState:
             raise ConfigError(f"{path} is unreadable ({exc}); delete it to start from the first event") from exc
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
         data = {"after_id": self.after_id, "pending": self.pending, "requested": sorted(self.requested)}
-        tmp.write_text(json.dumps(data), encoding="utf-8")
-        os.replace(tmp, path)
+        write_json_atomic(path, data)
 
 
 def _due(state: _WatchState, every: int, now: float) -> list[int]:

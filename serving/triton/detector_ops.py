@@ -1,27 +1,22 @@
-"""Pre- and post-processing of the Triton detector, as ultralytics does it.
+"""Letterbox and NMS of the Triton detector, as ultralytics does them (decoding: ``image_decode``).
 
 This file is copied next to ``model.py`` into every model version, so a version folder is
 self-contained and runs on any Triton with the python backend (this machine, NVIDIA's
-container, a Jetson). It imports only numpy, Pillow and OpenCV.
+container, a Jetson). It imports only numpy and OpenCV.
 """
 
 from __future__ import annotations
 
 import ast
-import io
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
-    "Decoded",
     "DetectorMeta",
-    "ImageRejected",
     "Letterbox",
-    "decode_image",
     "letterbox",
     "letterbox_stride",
     "network_input",
@@ -33,37 +28,6 @@ __all__ = [
 PAD_VALUE = 114
 MAX_WH = 7680  # class offset for class-aware NMS, as ultralytics
 
-# Pillow's own bomb guard would warn first; ours is the explicit limit.
-Image.MAX_IMAGE_PIXELS = None
-
-_EXIF_ORIENTATION = 0x0112
-# OpenCV decodes these faster than Pillow (same libjpeg-turbo, less overhead). Its PNG decode measured
-# slower than Pillow's, and other JPEG modes (CMYK) keep Pillow's conversion.
-_OPENCV_FORMATS = ("JPEG", "MPO")
-_OPENCV_MODES = ("RGB", "L")
-# DCT scale-down factor -> imdecode flags; OpenCV's own EXIF handling is off, Pillow's reading is used.
-_JPEG_FLAGS = {
-    1: cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION,
-    2: cv2.IMREAD_REDUCED_COLOR_2 | cv2.IMREAD_IGNORE_ORIENTATION,
-    4: cv2.IMREAD_REDUCED_COLOR_4 | cv2.IMREAD_IGNORE_ORIENTATION,
-    8: cv2.IMREAD_REDUCED_COLOR_8 | cv2.IMREAD_IGNORE_ORIENTATION,
-}
-# ``ImageOps.exif_transpose``'s transform per EXIF orientation, done on an array.
-_ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
-    2: lambda a: cv2.flip(a, 1),
-    3: lambda a: cv2.rotate(a, cv2.ROTATE_180),
-    4: lambda a: cv2.flip(a, 0),
-    5: cv2.transpose,
-    6: lambda a: cv2.rotate(a, cv2.ROTATE_90_CLOCKWISE),
-    7: lambda a: cv2.rotate(cv2.transpose(a), cv2.ROTATE_180),
-    8: lambda a: cv2.rotate(a, cv2.ROTATE_90_COUNTERCLOCKWISE),
-}
-_TRANSPOSED = (5, 6, 7, 8)  # orientations that swap width and height
-
-
-class ImageRejected(ValueError):
-    """An input image cannot be decoded or breaks a limit (maps to a per-request error)."""
-
 
 @dataclass(frozen=True)
 class DetectorMeta:
@@ -72,19 +36,6 @@ class DetectorMeta:
     names: tuple[str, ...]
     imgsz: tuple[int, int]
     stride: int
-
-
-@dataclass(frozen=True)
-class Decoded:
-    """Decoded RGB pixels and the image's full display-orientation size.
-
-    ``pixels`` may be a reduced JPEG decode (``decode_image(..., target=...)``); boxes must still come
-    back in ``width`` x ``height``, the pixels of the image the client sent.
-    """
-
-    pixels: np.ndarray
-    width: int
-    height: int
 
 
 @dataclass(frozen=True)
@@ -108,71 +59,6 @@ def parse_onnx_metadata(custom: dict[str, str]) -> DetectorMeta:
     imgsz = ast.literal_eval(custom["imgsz"])
     size = (int(imgsz[0]), int(imgsz[1])) if isinstance(imgsz, (list, tuple)) else (int(imgsz), int(imgsz))
     return DetectorMeta(names=names, imgsz=size, stride=int(custom.get("stride", 32)))
-
-
-def decode_image(data: bytes, max_bytes: int, max_pixels: int, target: tuple[int, int] | None = None) -> Decoded:
-    """Decode bytes to RGB uint8 pixels in display orientation (EXIF applied).
-
-    JPEGs are decoded by OpenCV, which is faster than Pillow. With ``target`` (network input height,
-    width) a large JPEG is decoded at 1/2, 1/4 or 1/8 scale inside the DCT, a fraction of the cost of
-    a full decode, and never below what the letterbox needs: pass ``Decoded.width``/``height`` to
-    ``letterbox`` as ``orig``. Other formats, and JPEGs OpenCV cannot decode, go through Pillow.
-    """
-    if not data:
-        raise ImageRejected("empty image")
-    if len(data) > max_bytes:
-        raise ImageRejected(f"image is {len(data)} bytes, limit {max_bytes}")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            # The header is read without decoding: refuse bombs before allocating pixels.
-            w, h = im.size
-            if w * h > max_pixels:
-                raise ImageRejected(f"image is {w}x{h} pixels, limit {max_pixels}")
-            if im.format in _OPENCV_FORMATS and im.mode in _OPENCV_MODES:
-                # Pillow reads the orientation (EXIF, else XMP) from the header as exif_transpose does.
-                orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
-                width, height = (h, w) if orientation in _TRANSPOSED else (w, h)
-                factor = 1 if target is None else _jpeg_reduction(width, height, target)
-                pixels = _decode_opencv(data, _JPEG_FLAGS[factor], orientation)
-                if pixels is not None:
-                    return Decoded(pixels, width, height)
-            pixels = _decode_pillow(im)
-            return Decoded(pixels, pixels.shape[1], pixels.shape[0])
-    except ImageRejected:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ImageRejected(f"cannot decode image: {exc}") from exc
-
-
-def _jpeg_reduction(width: int, height: int, target: tuple[int, int]) -> int:
-    """Largest JPEG scale-down (8, 4, 2) whose output is still no smaller than the letterbox's resize."""
-    new_w, new_h = _resized(width, height, target)
-    for factor in (8, 4, 2):
-        # libjpeg's scaled output is ceil(size / factor)
-        if -(-width // factor) >= new_w and -(-height // factor) >= new_h:
-            return factor
-    return 1
-
-
-def _decode_opencv(data: bytes, flags: int, orientation: int) -> np.ndarray | None:
-    """OpenCV decode to RGB, turned as ``exif_transpose`` would; None where OpenCV cannot decode it."""
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-    if bgr is None:
-        return None
-    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    turn = _ORIENT.get(orientation)
-    return rgb if turn is None else turn(rgb)
-
-
-def _decode_pillow(im: Image.Image) -> np.ndarray:
-    """Pillow decode of any format it reads, to RGB in display orientation."""
-    im = ImageOps.exif_transpose(im)
-    if im.mode.startswith("I;16"):
-        # Pillow's 16-bit grey -> RGB clips at 255; keep the high byte, as it does for 16-bit RGB.
-        im = Image.fromarray((np.asarray(im) >> 8).astype(np.uint8))
-    if im.mode != "RGB":
-        im = im.convert("RGB")
-    return np.asarray(im)
 
 
 def _resized(width: int, height: int, size: tuple[int, int]) -> tuple[int, int]:

@@ -38,15 +38,14 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from detector_ops import (
-    ImageRejected,
     Letterbox,
-    decode_image,
     letterbox,
     letterbox_stride,
     network_input,
     parse_onnx_metadata,
     postprocess,
 )
+from image_decode import ImageRejected, decode_image
 
 DETECTOR_OUTPUTS = ("DETECTIONS", "NUM_DETECTIONS", "IMAGE_SIZE", "MODEL_INFO", "STAGE_MS")
 # Sent only to a client that asks for them by name.

@@ -259,7 +259,7 @@ def test_broken_newest_version_falls_back_on_restart(private_triton: TritonHandl
     repo = ModelRepository(private_triton.settings.model_repository)
     broken = repo.version_dir("defect_detector", 2)
     broken.mkdir()
-    for name in ("model.py", "detector_ops.py", "card.json"):
+    for name in ("model.py", "detector_ops.py", "image_decode.py", "card.json"):
         (broken / name).write_bytes((repo.version_dir("defect_detector", 1) / name).read_bytes())
     (broken / "model.onnx").write_bytes(b"half-written")
     private_triton.process.stop()

@@ -9,13 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from serving.triton import detector_ops
+from core import image_decode
+from core.image_decode import Decoded, ImageRejected, decode_image, fitted_size
 from serving.triton.detector_ops import (
-    Decoded,
     DetectorMeta,
-    ImageRejected,
     Letterbox,
-    decode_image,
     letterbox,
     letterbox_stride,
     network_input,
@@ -333,8 +331,8 @@ def test_reduction_never_makes_the_letterbox_enlarge() -> None:
     for _ in range(2000):
         w, h = (int(v) for v in rng.integers(1, 9000, 2))
         target = (int(rng.integers(16, 1300)), int(rng.integers(16, 1300)))
-        f = detector_ops._jpeg_reduction(w, h, target)
-        new_w, new_h = detector_ops._resized(w, h, target)
+        f = image_decode._jpeg_reduction(w, h, target)
+        new_w, new_h = fitted_size(w, h, target)
         if f > 1:
             assert -(-w // f) >= new_w and -(-h // f) >= new_h
         if f < 8:  # the next factor up would have been too small

@@ -39,7 +39,7 @@ def test_versions_count_up_and_ignore_non_numeric(repo: ModelRepository, tmp_pat
     assert card.source_weights_sha256 and card.onnx_sha256
     assert repo.weights_path("det", 1) is not None and repo.weights_path("det", 2) is None
     files = sorted(p.name for p in repo.version_dir("det", 1).iterdir())
-    assert files == ["card.json", "detector_ops.py", "model.onnx", "model.py", "weights.pt"]
+    assert files == ["card.json", "detector_ops.py", "image_decode.py", "model.onnx", "model.py", "weights.pt"]
 
 
 def test_a_card_from_before_int8_reads_as_fp32(repo: ModelRepository, tmp_path: Path) -> None:
@@ -104,12 +104,13 @@ def test_install_runtime_brings_a_copy_to_this_labelloops_model_code(repo: Model
     onnx = tmp_path / "m.onnx"
     onnx.write_bytes(b"onnx")
     version = repo.add_version(_card(), onnx)
-    shipped = Path(__file__).parents[2] / "serving" / "triton"
     folder = repo.version_dir("det", version)
     (folder / "model.py").write_text("# written by an older labelloop\n")
     repo.install_runtime("det", version)
-    for name in ("model.py", "detector_ops.py"):
-        assert (folder / name).read_bytes() == (shipped / name).read_bytes()
+    root = Path(__file__).parents[2]
+    shipped = {"model.py": "serving/triton", "detector_ops.py": "serving/triton", "image_decode.py": "core"}
+    for name, where in shipped.items():
+        assert (folder / name).read_bytes() == (root / where / name).read_bytes()
     assert (folder / "model.onnx").read_bytes() == b"onnx"
 
 
