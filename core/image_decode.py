@@ -8,7 +8,9 @@ grey, palette, RGBA and 16-bit images, and limits on encoded bytes and decoded p
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,8 +23,8 @@ __all__ = ["Decoded", "ImageRejected", "Pixels", "decode_image", "fitted_size"]
 
 Pixels = npt.NDArray[Any]  # uint8, height x width x 3, RGB
 
-# Pillow's own bomb guard would warn first; ours is the explicit limit.
-Image.MAX_IMAGE_PIXELS = None
+# Pillow reads its bomb limit (``Image.MAX_IMAGE_PIXELS``) from a module global at each check.
+_PILLOW_LIMIT = threading.Lock()
 
 _EXIF_ORIENTATION = 0x0112
 # OpenCV decodes these faster than Pillow (same libjpeg-turbo, less overhead). Its PNG decode measured
@@ -57,8 +59,8 @@ class ImageRejected(ValueError):
 class Decoded:
     """Decoded RGB pixels and the image's full display-orientation size.
 
-    ``pixels`` may be a reduced JPEG decode (``decode_image(..., target=...)``); boxes must still come
-    back in ``width`` x ``height``, the pixels of the image the client sent.
+    ``pixels`` may be a reduced JPEG decode (opt-in: ``decode_image(..., target=...)``); boxes must
+    still come back in ``width`` x ``height``, the pixels of the image the client sent.
     """
 
     pixels: Pixels
@@ -69,9 +71,14 @@ class Decoded:
 def decode_image(data: bytes, max_bytes: int, max_pixels: int, target: tuple[int, int] | None = None) -> Decoded:
     """Decode bytes to RGB uint8 pixels in display orientation (EXIF applied).
 
-    JPEGs are decoded by OpenCV, which is faster than Pillow. With ``target`` (network input height,
-    width) a large JPEG is decoded at 1/2, 1/4 or 1/8 scale inside the DCT, a fraction of the cost of
-    a full decode, and never below what the letterbox needs: pass ``Decoded.width``/``height`` to
+    Images over ``max_pixels`` are refused from the header, before any pixel is allocated and before
+    Pillow's own bomb check can warn or raise; Pillow's guard then applies to the decode, raised to
+    ``max_pixels`` where that is higher. JPEGs are decoded by OpenCV, which is faster than Pillow.
+
+    ``target`` (network input height, width) opts in to a reduced JPEG decode (the
+    ``fast_jpeg_decode`` setting): a large JPEG is decoded at 1/2, 1/4 or 1/8 scale inside the DCT,
+    a fraction of the cost, never below what the letterbox needs, but not the pixels a full decode
+    gives (what the trainer and ultralytics see): scores move. Pass ``Decoded.width``/``height`` to
     ``letterbox`` as ``orig``. Other formats, and JPEGs OpenCV cannot decode, go through Pillow.
     """
     if not data:
@@ -79,11 +86,15 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int, target: tuple[int
     if len(data) > max_bytes:
         raise ImageRejected(f"image is {len(data)} bytes, limit {max_bytes}")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            # The header is read without decoding: refuse bombs before allocating pixels.
+        with _pillow_limit(None):
+            im = Image.open(io.BytesIO(data))  # the header only: no pixels yet
+        with im:
             w, h = im.size
             if w * h > max_pixels:
-                raise ImageRejected(f"image is {w}x{h} pixels, limit {max_pixels}")
+                raise ImageRejected(
+                    f"image is {w}x{h} pixels, limit {max_pixels} (max_image_pixels): refused unread, "
+                    "as a possible decompression bomb"
+                )
             if im.format in _OPENCV_FORMATS and im.mode in _OPENCV_MODES:
                 # Pillow reads the orientation (EXIF, else XMP) from the header as exif_transpose does.
                 orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
@@ -92,12 +103,34 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int, target: tuple[int
                 pixels = _decode_opencv(data, _JPEG_FLAGS[factor], orientation)
                 if pixels is not None:
                     return Decoded(pixels, width, height)
-            pixels = _decode_pillow(im)
+            with _pillow_limit(max_pixels, floor=True):
+                pixels = _decode_pillow(im)
             return Decoded(pixels, pixels.shape[1], pixels.shape[0])
     except ImageRejected:
         raise
+    except Image.DecompressionBombError as exc:  # a frame or tile past Pillow's limit, inside the image
+        raise ImageRejected(f"image refused as a possible decompression bomb: {exc}") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise ImageRejected(f"cannot decode image: {exc}") from exc
+
+
+@contextmanager
+def _pillow_limit(pixels: int | None, floor: bool = False) -> Iterator[None]:
+    """Pillow's bomb limit for one step of a decode, put back after it (nothing else changes it here).
+
+    ``None`` lifts it while the header is read, so our cap and message come first; ``floor`` raises
+    it to ``pixels`` only where Pillow's is lower, so an image our cap allows decodes without
+    Pillow's warning (an error under ``-W error``) while Pillow's guard still holds above both.
+    """
+    with _PILLOW_LIMIT:
+        saved = Image.MAX_IMAGE_PIXELS
+        if floor and (saved is None or pixels is None or saved >= pixels):
+            pixels = saved
+        Image.MAX_IMAGE_PIXELS = pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 def _jpeg_reduction(width: int, height: int, target: tuple[int, int]) -> int:

@@ -4,16 +4,21 @@ Precedence, lowest to highest: field defaults < YAML file < ``.env`` < environme
 Every field reads ``LABELLOOP_<FIELD>`` from the environment; the Label Studio and basic-auth
 fields also accept the names Label Studio's own ML backends use (``LABEL_STUDIO_URL``, ...).
 The YAML file is ``labelloop.yaml`` in the working directory, or the path in ``LABELLOOP_CONFIG``.
+A key no field knows, in the YAML, ``.env`` or a ``LABELLOOP_`` variable, is an error naming the nearest
+valid key: a typo must never pass silently.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -36,6 +41,26 @@ def _aliases(name: str, *plain: str) -> AliasChoices:
     return AliasChoices(f"LABELLOOP_{name.upper()}", *plain, name)
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(entry: str) -> str:
+    """``scheme://host:port`` with the default port made explicit; ValueError names the expected form."""
+    form = "write scheme://host[:port], e.g. https://images.example.com or http://10.0.0.5:9000"
+    try:
+        parts = urlsplit(entry.strip())
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{entry!r} is not an origin ({exc}): {form}") from exc
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname or parts.path not in ("", "/"):
+        raise ValueError(f"{entry!r} is not an origin: {form}")
+    if parts.query or parts.fragment or parts.username is not None:
+        raise ValueError(f"{entry!r} is not an origin (no user, query or fragment): {form}")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{scheme}://{host}:{port if port is not None else _DEFAULT_PORTS[scheme]}"
+
+
 class Settings(BaseSettings):
     """Everything labelloop can be told; see the README's configuration reference."""
 
@@ -43,7 +68,7 @@ class Settings(BaseSettings):
         env_prefix="LABELLOOP_",
         env_file=".env",
         env_file_encoding="utf-8",
-        extra="ignore",
+        extra="forbid",
         populate_by_name=True,
         protected_namespaces=(),
     )
@@ -57,6 +82,9 @@ class Settings(BaseSettings):
     grpc_port: int = Field(8001, description="tritonserver gRPC port.")
     http_port: int = Field(8000, description="tritonserver HTTP port.")
     metrics_port: int = Field(8002, description="tritonserver metrics port.")
+    triton_http: bool = Field(
+        False, description="Open tritonserver's HTTP/REST endpoint on `host` (labelloop itself uses gRPC)."
+    )
     triton_timeout_s: float = Field(30.0, gt=0, description="Per-request deadline for Triton calls.")
     triton_concurrency: int = Field(8, ge=1, description="Most Triton requests in flight from one client.")
     triton_retries: int = Field(3, ge=0, description="Retries (with backoff) on UNAVAILABLE.")
@@ -73,7 +101,14 @@ class Settings(BaseSettings):
     conf: float = Field(0.25, ge=0, le=1, description="Default score threshold.")
     iou: float = Field(0.7, gt=0, le=1, description="Default NMS IoU threshold.")
     max_image_bytes: int = Field(50_000_000, gt=0, description="Largest encoded image accepted.")
-    max_image_pixels: int = Field(60_000_000, gt=0, description="Largest decoded image (w*h) accepted.")
+    max_image_pixels: int = Field(
+        60_000_000, gt=0, description="Largest decoded image (w*h) accepted; larger ones are refused from the header."
+    )
+    fast_jpeg_decode: bool = Field(
+        False,
+        description="Decode large JPEGs at a reduced DCT scale (faster, but not the trained pixels: scores move; "
+        "see `labelloop bench`).",
+    )
     precision: Precision = Field(
         "fp32", description="Published ONNX: fp32, or int8 (CPU boxes: about 2x faster; calibrated and gated)."
     )
@@ -94,19 +129,33 @@ class Settings(BaseSettings):
         validation_alias=_aliases("label_studio_api_key", "LABEL_STUDIO_API_KEY"),
         description="Legacy token or Personal Access Token.",
     )
+    bridge_auth: Literal["basic", "none"] = Field(
+        "basic",
+        description="Bridge auth: basic (configured pair, else one generated into <state_dir>/bridge-auth.json) "
+        "or none (explicit; logs a warning).",
+    )
     basic_auth_user: str | None = Field(
         None,
         validation_alias=_aliases("basic_auth_user", "BASIC_AUTH_USER"),
-        description="Bridge basic-auth user; auth is on when user and password are set.",
+        description="Bridge basic-auth user; unset: the generated pair in <state_dir>/bridge-auth.json.",
     )
     basic_auth_pass: SecretStr | None = Field(
         None,
         validation_alias=_aliases("basic_auth_pass", "BASIC_AUTH_PASS"),
         description="Bridge basic-auth password.",
     )
-    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Extra hosts images may be fetched from (comma-separated); the LS host is always allowed.",
+        description="Extra origins images may be fetched from, exactly scheme://host[:port], comma-separated "
+        "(e.g. https://images.example.com); Label Studio's origin is always allowed.",
+    )
+    local_file_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Folders file:// task URLs may be read from (comma-separated), checked after symlinks.",
+    )
+    webhook_max_bytes: int = Field(1_048_576, gt=0, description="Largest /webhook body accepted (413 beyond).")
+    predict_deadline_s: float = Field(
+        90.0, gt=0, description="Budget of one /predict from its arrival, Triton retries included (LS waits 100 s)."
     )
     fetch_concurrency: int = Field(8, ge=1, description="Concurrent image downloads.")
     fetch_timeout_s: float = Field(15.0, gt=0, description="Per-image download timeout.")
@@ -128,12 +177,17 @@ class Settings(BaseSettings):
     label_studio_venv: Path = Field(Path(".venv-ls"), description="Label Studio's own virtual environment.")
     project_title: str = Field("Defect detection", description="Project `up` creates and connects.")
 
-    @field_validator("allowed_hosts", mode="before")
+    @field_validator("allowed_origins", "local_file_roots", mode="before")
     @classmethod
-    def _split_hosts(cls, value: Any) -> Any:
+    def _split_list(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return [h.strip().lower() for h in value.split(",") if h.strip()]
+            return [h.strip() for h in value.split(",") if h.strip()]
         return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _exact_origins(cls, value: list[str]) -> list[str]:
+        return [_origin(entry) for entry in value]
 
     @classmethod
     def settings_customise_sources(
@@ -148,11 +202,42 @@ class Settings(BaseSettings):
         if os.environ.get(CONFIG_ENV) and not Path(yaml_path).is_file():
             raise ConfigError(f"{CONFIG_ENV}={yaml_path}: no such file")
         yaml = YamlConfigSettingsSource(settings_cls, yaml_file=yaml_path)
-        return (init_settings, env_settings, dotenv_settings, yaml)
+        return (init_settings, _UnknownEnvCheck(settings_cls), env_settings, dotenv_settings, yaml)
 
     @property
     def log_dir(self) -> Path:
         return self.state_dir / "logs"
+
+
+def _nearest(key: str) -> str:
+    """``; did you mean 'x'?`` for the field name closest to ``key``, or nothing."""
+    name = key.lower().removeprefix("labelloop_")
+    close = difflib.get_close_matches(name, list(Settings.model_fields), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+class _UnknownEnvCheck(PydanticBaseSettingsSource):
+    """Refuses ``LABELLOOP_`` variables that name no setting (pydantic-settings ignores them)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        known = {CONFIG_ENV}
+        for name, info in Settings.model_fields.items():
+            known.update(e.upper() for e in _env_names(name, info.validation_alias))
+        for key in os.environ:
+            upper = key.upper()
+            if upper.startswith("LABELLOOP_") and upper not in known:
+                raise ConfigError(f"unknown setting {key} in the environment{_nearest(key)}")
+        return {}
+
+
+def _problem(error: Any) -> str:
+    where = ".".join(map(str, error["loc"]))
+    if error["type"] == "extra_forbidden":
+        return f"unknown setting {where!r}{_nearest(where)}"
+    return f"{where}: {error['msg']}"
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -161,8 +246,7 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**given)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"invalid settings: {problems}") from exc
+        raise ConfigError(f"invalid settings: {'; '.join(_problem(e) for e in exc.errors())}") from exc
 
 
 @lru_cache(maxsize=1)

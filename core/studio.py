@@ -2,11 +2,13 @@
 
 Label Studio lives in its own virtual environment (it needs numpy 2; Triton's stub needs numpy 1).
 A local stack needs a few non-default settings (field notes 4 and 6): legacy tokens enabled before
-the first start, and loopback ML backends / webhooks allowed.
+the first start, and loopback ML backends / webhooks allowed. The model connection and the webhook
+Label Studio makes with it both carry the bridge's basic-auth pair.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -17,12 +19,14 @@ from typing import Any
 
 import httpx
 
+from core.credentials import BasicCredentials
 from core.errors import LabelStudioError
 
 __all__ = [
     "DEFECT_LABEL_CONFIG",
     "Credentials",
     "StudioAdmin",
+    "basic_authorization",
     "label_studio_command",
     "label_studio_environment",
     "load_or_create_credentials",
@@ -140,15 +144,29 @@ class StudioAdmin:
         body = self._call("GET", "/api/ml/", params={"project": project_id})
         return list(body or [])
 
-    def ensure_ml_backend(self, project_id: int, url: str, title: str = "labelloop") -> int:
-        """Connect the bridge as the project's model (once), with interactive pre-annotation on."""
+    def ensure_ml_backend(
+        self, project_id: int, url: str, auth: BasicCredentials | None, title: str = "labelloop"
+    ) -> int:
+        """Connect the bridge as the project's model (once), then make its auth match ``auth``.
+
+        Label Studio checks ``/health`` and ``/setup`` with the given credentials before it saves them.
+        """
+        fields: dict[str, Any] = {"auth_method": "NONE"}
+        if auth is not None:
+            fields = {
+                "auth_method": "BASIC_AUTH",
+                "basic_auth_user": auth.user,
+                "basic_auth_pass": auth.password.get_secret_value(),
+            }
         for backend in self.ml_backends(project_id):
             if backend.get("url", "").rstrip("/") == url.rstrip("/"):
+                # The password is write-only in the API: send it again rather than guess it is current.
+                self._call("PATCH", f"/api/ml/{backend['id']}", json={"project": project_id, "url": url, **fields})
                 return int(backend["id"])
         created = self._call(
             "POST",
             "/api/ml/",
-            json={"project": project_id, "url": url, "title": title, "is_interactive": False},
+            json={"project": project_id, "url": url, "title": title, "is_interactive": False, **fields},
         )
         self._call(
             "PATCH",
@@ -157,3 +175,37 @@ class StudioAdmin:
         )
         logger.info("connected ML backend %s to project %d", url, project_id)
         return int(created["id"])
+
+    def webhooks(self, project_id: int) -> list[dict[str, Any]]:
+        body = self._call("GET", "/api/webhooks/", params={"project": project_id})
+        return list(body or [])
+
+    def ensure_webhook(self, project_id: int, url: str, auth: BasicCredentials | None) -> int:
+        """The project's webhook to ``url`` (the one Label Studio made with the model, else a new one), with auth.
+
+        Label Studio creates it without credentials: the ``Authorization`` header is added here.
+        """
+        headers = {} if auth is None else {"Authorization": basic_authorization(auth)}
+        for hook in self.webhooks(project_id):
+            if hook.get("url", "").rstrip("/") == url.rstrip("/"):
+                self._call("PATCH", f"/api/webhooks/{hook['id']}/", json={"headers": headers})
+                return int(hook["id"])
+        created = self._call(
+            "POST",
+            "/api/webhooks/",
+            json={
+                "project": project_id,
+                "url": url,
+                "send_payload": True,
+                "send_for_all_actions": True,
+                "headers": headers,
+            },
+        )
+        logger.info("created webhook %s for project %d", url, project_id)
+        return int(created["id"])
+
+
+def basic_authorization(auth: BasicCredentials) -> str:
+    """The ``Authorization`` header value for HTTP basic auth."""
+    pair = f"{auth.user}:{auth.password.get_secret_value()}".encode()
+    return "Basic " + base64.b64encode(pair).decode("ascii")

@@ -12,6 +12,10 @@ run in a fresh shuffled order each round, so background load and warm caches hit
 (d) seed     ``YOLO(weights.pt).predict`` in-process, one image at a time (the model loaded once,
              torch on the threads ultralytics chooses).
 
+Two side measurements: Triton at a score threshold of 0 (NMS's worst case, bounded by its
+candidate cap), and ``fast_jpeg_decode`` on and off on camera-sized JPEGs (decode time and how
+well the detections agree), in-process on the served ONNX.
+
 Ratios and their definitions live in :mod:`labelloop.bench_report`.
 """
 
@@ -24,6 +28,7 @@ import os
 import random
 import re
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -44,6 +49,7 @@ from core.errors import ConfigError, InferenceError, LabelloopError
 from core.settings import Settings, load_settings
 from labelloop.bench_rig import (
     FULL,
+    JPEG_QUALITY,
     QUICK,
     BenchImage,
     BenchPlan,
@@ -72,6 +78,10 @@ app = typer.Typer(no_args_is_help=True)
 
 TRITON_CONCURRENCY = (1, 2, 4, 8)
 BRIDGE_TASKS = (1, 8, 64)
+# The fast_jpeg_decode A/B: camera-sized JPEGs (the bench images are at most 640 a side, which a
+# reduced decode barely touches at imgsz 320), cycled over this many images, each decode timed best of 3.
+JPEG_AB_SIZES = ((800, 600), (1280, 960), (1600, 1200), (1920, 1080))
+JPEG_AB_IMAGES = 8
 # A pause before each block, so spinning thread pools of the previous method go idle first:
 # (a)'s default onnxruntime pool keeps one core spinning for about 45 ms after each run (measured).
 SETTLE_S = 0.1
@@ -151,17 +161,70 @@ class Harness:
         ]
         self.raw_batches = _shape_batches(self.tensors, settings.max_batch_size)
         self._task_ids = iter(range(1, 10**9))
+        # Triton at score threshold 0: round trip and NMS seconds, boxes per image.
+        self.conf0: dict[str, list[float]] = defaultdict(list)
+        self.jpeg_decode = self._jpeg_decode_ab()
 
     def _prepare(self, data: bytes) -> tuple[Tensor, Letterbox]:
         """Decode, letterbox and scale to NCHW float32, exactly as the Triton model does."""
+        return self._prepare_as(data, self.settings.fast_jpeg_decode)
+
+    def _prepare_as(self, data: bytes, fast_jpeg: bool) -> tuple[Tensor, Letterbox]:
+        """``_prepare`` with ``fast_jpeg_decode`` on or off."""
         from core.image_decode import decode_image
         from serving.triton.detector_ops import letterbox, network_input
 
         size = (self.imgsz, self.imgsz)
-        img = decode_image(data, self.settings.max_image_bytes, self.settings.max_image_pixels, target=size)
+        target = size if fast_jpeg else None
+        img = decode_image(data, self.settings.max_image_bytes, self.settings.max_image_pixels, target=target)
         padded, box = letterbox(img.pixels, size, orig=(img.width, img.height), stride=self.stride)
         tensor: Tensor = network_input([padded])
         return tensor, box
+
+    def _jpeg_decode_ab(self) -> dict[str, Any]:
+        """``fast_jpeg_decode`` off vs on, same JPEGs: decode ms, boxes and their agreement (F1, IoU >= 0.5)."""
+        import io
+
+        from core.image_decode import decode_image
+        from serving.quantize import matched_detections
+        from serving.triton.detector_ops import postprocess
+        from trainer.synthetic import render_sample
+
+        rng = np.random.default_rng(self.plan.seed + 1)
+        size = (self.imgsz, self.imgsz)
+        limits = (self.settings.max_image_bytes, self.settings.max_image_pixels)
+        decode_s: dict[str, list[float]] = {"full": [], "fast": []}
+        boxes = {"full": 0, "fast": 0}
+        matched = reduced = 0
+        for k in range(JPEG_AB_IMAGES):
+            width, height = JPEG_AB_SIZES[k % len(JPEG_AB_SIZES)]
+            buf = io.BytesIO()
+            render_sample(rng, width, height).image.save(buf, format="JPEG", quality=JPEG_QUALITY)
+            data = buf.getvalue()
+            dets = {}
+            for mode, target in (("full", None), ("fast", size)):
+                best = float("inf")
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    img = decode_image(data, *limits, target=target)
+                    best = min(best, time.perf_counter() - t0)
+                decode_s[mode].append(best)
+                if mode == "fast" and img.pixels.shape[1] < img.width:
+                    reduced += 1
+                tensor, box = self._prepare_as(data, mode == "fast")
+                dets[mode] = postprocess(self._raw(tensor)[0], box, self.settings.conf, self.settings.iou)
+                boxes[mode] += len(dets[mode])
+            matched += matched_detections(dets["full"], dets["fast"])
+        total = boxes["full"] + boxes["fast"]
+        return {
+            "images": JPEG_AB_IMAGES,
+            "sizes": [f"{w}x{h}" for w, h in JPEG_AB_SIZES],
+            "reduced": reduced,
+            "decode_ms": {mode: round(statistics.fmean(v) * 1e3, 3) for mode, v in decode_s.items()},
+            "boxes": boxes,
+            "agreement_f1": round(1.0 if total == 0 else 2.0 * matched / total, 4),
+            "enabled": self.settings.fast_jpeg_decode,
+        }
 
     def _raw(self, x: Tensor) -> Tensor:
         out: Tensor = self.session.run(None, {self.input_name: x})[0]
@@ -197,6 +260,7 @@ class Harness:
             "latency triton": lambda: self._latency_triton(detector),
             "latency bridge": lambda: self._latency_bridge(http),
             "stages": lambda: self._stages(detector),
+            "triton conf 0": lambda: self._conf0(detector),
             f"raw batch {self.settings.max_batch_size}": self._raw_batches,
         }
         for c in TRITON_CONCURRENCY[1:]:
@@ -263,6 +327,14 @@ class Harness:
             found = await detector.detect(image.data, stages=True)
             for name in (*STAGES, "round_trip"):
                 self.tally.stages[name].append(found.stats[f"{name}_s"])
+
+    async def _conf0(self, detector: DetectorClient) -> None:
+        """Lone requests at score threshold 0: every anchor is a candidate, NMS's worst case."""
+        for image in self.images:
+            found = await detector.detect(image.data, conf=0.0, stages=True)
+            self.conf0["round_trip"].append(found.stats["round_trip_s"])
+            self.conf0["nms"].append(found.stats["nms_s"])
+            self.conf0["boxes"].append(len(found.detections))
 
     async def _raw_batches(self) -> None:
         """Every bench image once at full batches: each shape's per-image time, weighted by its images."""
@@ -485,6 +557,7 @@ def run_bench(settings: Settings, plan: BenchPlan) -> dict[str, Any]:
                 settings.model_name,
                 root / "bridge",
                 settings.log_dir / "bench-bridge.log",
+                f"http://{server.host}",
             )
         )
         bridge.start()

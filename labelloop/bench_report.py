@@ -146,6 +146,20 @@ class Harness(Protocol):
     stride: int | None
     seed_threads: int
     tally: Tally
+    conf0: dict[str, list[float]]
+    jpeg_decode: dict[str, Any]
+
+
+def _conf0(harness: Harness) -> dict[str, Any]:
+    """Triton at score threshold 0 (every anchor a candidate): latency, NMS and boxes per image."""
+    runs = harness.conf0
+    if not runs.get("round_trip"):
+        return {}
+    return {
+        "latency_ms": _ms(runs["round_trip"]),
+        "nms_ms": round(statistics.fmean(runs["nms"]) * 1e3, 3),
+        "boxes_per_image": round(statistics.fmean(runs["boxes"]), 1),
+    }
 
 
 def _check(value: float, comparison: str, bound: float) -> bool:
@@ -214,6 +228,7 @@ def build_report(
                 "fetch_concurrency": settings.fetch_concurrency,
                 "conf": settings.conf,
                 "iou": settings.iou,
+                "fast_jpeg_decode": settings.fast_jpeg_decode,
             },
             "seed_torch_threads": harness.seed_threads,
         },
@@ -223,6 +238,8 @@ def build_report(
         "throughput_images_per_s": throughput,
         "peak_rss_mb": peak,
         "stages_ms": _stages(harness),
+        "conf0": _conf0(harness),
+        "fast_jpeg_decode": harness.jpeg_decode,
         "per_load": _per_load(harness, throughput),
         "ratios": ratios,
         "ratio_definitions": RATIO_DEFINITIONS,
@@ -290,6 +307,24 @@ def render_markdown(report: dict[str, Any]) -> str:
             ["load", "images/s", "wall ms/img", "CPU ms/img: bridge", "tritonserver", "python stubs", "bench"]
             + ["all", "Triton mean batch", "queue ms", "execute ms"],
             [[load, *(row.get(c, "") for c in columns)] for load, row in per_load.items()],
+        )
+    conf0 = report.get("conf0")
+    if conf0:
+        lat = conf0["latency_ms"]
+        lines += _table(
+            ["(b) Triton at score threshold 0", "p50 ms", "p95 ms", "NMS ms (mean)", "boxes/image"],
+            [["lone requests", _fmt(lat["p50"]), _fmt(lat["p95"]), _fmt(conf0["nms_ms"]), conf0["boxes_per_image"]]],
+        )
+    jpeg = report.get("fast_jpeg_decode")
+    if jpeg:
+        ms, boxes = jpeg["decode_ms"], jpeg["boxes"]
+        lines += _table(
+            [f"fast_jpeg_decode ({jpeg['images']} JPEGs {', '.join(jpeg['sizes'])})", "decode ms (mean)", "boxes"],
+            [
+                ["off (full decode, the default)", _fmt(ms["full"]), boxes["full"]],
+                [f"on ({jpeg['reduced']} decoded reduced)", _fmt(ms["fast"]), boxes["fast"]],
+                ["agreement of on with off (F1, same class, IoU >= 0.5)", jpeg["agreement_f1"], ""],
+            ],
         )
     peak = report["peak_rss_mb"]
     lines += _table(

@@ -239,8 +239,11 @@ class ImageServer(LoopbackHTTPServer):
 class BridgeProcess:
     """``python -m labelloop bridge`` in its own process, so its memory is its own."""
 
-    def __init__(self, port: int, triton_url: str, model_name: str, state_dir: Path, log_file: Path) -> None:
+    def __init__(
+        self, port: int, triton_url: str, model_name: str, state_dir: Path, log_file: Path, image_origin: str
+    ) -> None:
         self.port = port
+        self.image_origin = image_origin
         self.triton_url = triton_url
         self.model_name = model_name
         self.state_dir = state_dir
@@ -259,11 +262,10 @@ class BridgeProcess:
         env = dict(os.environ)
         env.update(
             {
-                "LABELLOOP_ALLOWED_HOSTS": "127.0.0.1",
+                "LABELLOOP_ALLOWED_ORIGINS": self.image_origin,
                 "LABELLOOP_STATE_DIR": str(self.state_dir),
-                # The bench talks to the bridge without credentials.
-                "LABELLOOP_BASIC_AUTH_USER": "",
-                "LABELLOOP_BASIC_AUTH_PASS": "",
+                # A private bridge on loopback for the bench's own requests: auth off, explicitly.
+                "LABELLOOP_BRIDGE_AUTH": "none",
             }
         )
         return env

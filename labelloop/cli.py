@@ -10,7 +10,7 @@ import typer
 from core.console import fail
 from core.errors import LabelloopError
 from core.settings import load_settings, reference_markdown
-from labelloop import bench, stack
+from labelloop import backbone_cli, bench, stack
 from ls_bridge import cli as bridge_cli
 from serving import cli as serving_cli
 from trainer import cli as trainer_cli
@@ -59,6 +59,7 @@ for group in (serving_cli.app, trainer_cli.app, bridge_cli.app, stack.app, bench
     for command in group.registered_commands:
         app.registered_commands.append(command)
 app.add_typer(trainer_cli.group, name="trainer", help="Long-running trainer service.")
+app.add_typer(backbone_cli.app, name="backbone", help="DINOv3 feature backbone: import, demo, embed.")
 
 
 def run() -> None:

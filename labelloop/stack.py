@@ -1,8 +1,11 @@
-"""``labelloop up | down | status``: Triton, the bridge and Label Studio as one local stack.
+"""``labelloop up | down | status``: Triton, the bridge, Label Studio and the trainer as one local stack.
 
 ``up`` is idempotent: it bootstraps the default model only when the repository is empty, reuses
 daemons that are still running, and creates the project and the model connection only once.
-Everything binds to 127.0.0.1; logs and run records live under the state folder.
+Everything binds to 127.0.0.1; logs and run records live under the state folder. The bridge
+asks for basic auth (``core.credentials``: generated once, kept owner-only); Label Studio's
+model connection and its webhook to the bridge carry the same pair. The trainer watcher turns
+Label Studio's "Start training" and every ``train_every_annotations`` annotations into runs.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +26,7 @@ import httpx
 import typer
 
 from core.console import fail
+from core.credentials import BasicCredentials, bridge_credentials, credentials_path
 from core.errors import ConfigError, LabelloopError, LabelStudioError, TritonUnavailableError
 from core.processes import Daemon
 from core.settings import Settings, load_settings
@@ -41,7 +46,7 @@ __all__ = ["app", "stack_status"]
 logger = logging.getLogger(__name__)
 app = typer.Typer(no_args_is_help=True)
 
-TRITON, BRIDGE, LABEL_STUDIO = "triton", "bridge", "label-studio"
+TRITON, BRIDGE, LABEL_STUDIO, TRAINER = "triton", "bridge", "label-studio", "trainer"
 
 
 @dataclass(frozen=True)
@@ -91,16 +96,32 @@ def _triton_info(settings: Settings) -> ModelInfo | None:
     return asyncio.run(probe())
 
 
-def _http_ok(url: str, expect: Callable[[httpx.Response], bool] = lambda r: r.status_code == 200) -> bool:
+def _http_ok(
+    url: str,
+    expect: Callable[[httpx.Response], bool] = lambda r: r.status_code == 200,
+    auth: BasicCredentials | None = None,
+) -> bool:
+    basic = None if auth is None else httpx.BasicAuth(auth.user, auth.password.get_secret_value())
     try:
-        with httpx.Client(timeout=2.0, trust_env=False) as client:
+        with httpx.Client(timeout=2.0, trust_env=False, auth=basic) as client:
             return expect(client.get(url))
     except httpx.HTTPError:
         return False
 
 
 def _bridge_up(response: httpx.Response) -> bool:
+    if response.status_code == 401:
+        # A bridge left running with other credentials never becomes ready for us: say so now.
+        raise ConfigError(
+            f"the bridge at {response.url} refuses our basic-auth credentials (it runs with others): "
+            "run `labelloop down`, then `labelloop up` again"
+        )
     return response.status_code == 200 and response.json().get("status") == "UP"
+
+
+def bridge_auth(settings: Settings) -> BasicCredentials | None:
+    """The pair the bridge checks (created and stored owner-only on first use); None with ``bridge_auth: none``."""
+    return None if settings.bridge_auth == "none" else bridge_credentials(settings)
 
 
 def ensure_model(settings: Settings) -> None:
@@ -132,6 +153,7 @@ def start_triton(settings: Settings) -> ModelInfo:
                 str(settings.http_port),
                 "--metrics-port",
                 str(settings.metrics_port),
+                "--http" if settings.triton_http else "--no-http",
             ),
             env=_child_env(settings),
             cwd=Path.cwd(),
@@ -172,15 +194,11 @@ def start_label_studio(settings: Settings, paths: StackPaths) -> Credentials:
     return creds
 
 
-def start_bridge(settings: Settings, studio_url: str | None, token: str | None) -> str:
+def start_bridge(settings: Settings, studio_url: str | None, token: str | None, auth: BasicCredentials | None) -> str:
+    """Start the bridge; it finds the same credentials in the same state folder (no secret on its argv)."""
     daemon = Daemon(settings.state_dir, BRIDGE)
     url = f"http://{settings.bridge_host}:{settings.bridge_port}"
     if not daemon.running():
-        extra = {}
-        if studio_url:
-            extra["LABELLOOP_LABEL_STUDIO_URL"] = studio_url
-        if token:
-            extra["LABELLOOP_LABEL_STUDIO_API_KEY"] = token
         daemon.start(
             _labelloop(
                 "bridge",
@@ -193,13 +211,60 @@ def start_bridge(settings: Settings, studio_url: str | None, token: str | None) 
                 "--model",
                 settings.model_name,
             ),
-            env=_child_env(settings, extra),
+            env=_child_env(settings, _studio_env(studio_url, token)),
             cwd=Path.cwd(),
             url=url,
         )
     typer.echo(f"==> waiting for the bridge at {url}")
-    _wait("the bridge", lambda: _http_ok(f"{url}/health", _bridge_up), daemon, 60.0)
+    _wait("the bridge", lambda: _http_ok(f"{url}/health", _bridge_up, auth), daemon, 60.0)
     return url
+
+
+def _studio_env(studio_url: str | None, token: str | None) -> dict[str, str]:
+    env = {}
+    if studio_url:
+        env["LABELLOOP_LABEL_STUDIO_URL"] = studio_url
+    if token:
+        env["LABELLOOP_LABEL_STUDIO_API_KEY"] = token
+    return env
+
+
+def start_trainer(settings: Settings, studio_url: str, token: str, project_id: int | None) -> None:
+    """Start ``labelloop trainer watch``: it trains from the bridge's stored events, one run at a time."""
+    daemon = Daemon(settings.state_dir, TRAINER)
+    if daemon.running():
+        return
+    from trainer.pipeline import WATCH_STATE_FILE, trainer_dir
+
+    state_file = trainer_dir(settings) / WATCH_STATE_FILE
+    started = time.time()
+    extra = _studio_env(studio_url, token) | {
+        "LABELLOOP_TRITON_URL": settings.triton_url,
+        "LABELLOOP_MODEL_NAME": settings.model_name,
+        "LABELLOOP_MODEL_REPOSITORY": str(settings.model_repository.resolve()),
+    }
+    daemon.start(
+        _labelloop("trainer", "watch", *(["--project", str(project_id)] if project_id is not None else [])),
+        env=_child_env(settings, extra),
+        cwd=Path.cwd(),
+    )
+    typer.echo(f"==> waiting for the trainer watcher (train after {settings.train_every_annotations} annotations)")
+    # The watcher saves its cursor after its first look at the event store: then it is watching.
+    _wait(
+        "the trainer watcher",
+        lambda: state_file.is_file() and state_file.stat().st_mtime >= started - 1.0,
+        daemon,
+        120.0,
+    )
+
+
+def last_run(settings: Settings) -> dict[str, Any] | None:
+    """The newest record of the trainer's history (``labelloop train``, the watcher, bootstrap), or None."""
+    from trainer.history import History
+    from trainer.pipeline import HISTORY_FILE, trainer_dir
+
+    newest = deque(History(trainer_dir(settings) / HISTORY_FILE).records(), maxlen=1)
+    return newest[0] if newest else None
 
 
 def stack_status(settings: Settings) -> dict[str, Any]:
@@ -219,10 +284,13 @@ def stack_status(settings: Settings) -> dict[str, Any]:
             connected = False
         finally:
             admin.close()
+    auth = None if settings.bridge_auth == "none" else bridge_credentials(settings, create=False)
+    basic = None if auth is None else httpx.BasicAuth(auth.user, auth.password.get_secret_value())
     bridge_status = "DOWN"
     try:
-        with httpx.Client(timeout=5.0, trust_env=False) as client:
-            bridge_status = str(client.get(f"{bridge_url}/health").json().get("status", "DOWN"))
+        with httpx.Client(timeout=5.0, trust_env=False, auth=basic) as client:
+            response = client.get(f"{bridge_url}/health")
+        bridge_status = "UNAUTHORIZED" if response.status_code == 401 else str(response.json().get("status", "DOWN"))
     except (httpx.HTTPError, ValueError):
         pass
     return {
@@ -233,13 +301,45 @@ def stack_status(settings: Settings) -> dict[str, Any]:
             "version": info.version if info else None,
             "managed": Daemon(settings.state_dir, TRITON).running(),
         },
-        "bridge": {"url": bridge_url, "status": bridge_status, "managed": Daemon(settings.state_dir, BRIDGE).running()},
+        "bridge": {
+            "url": bridge_url,
+            "status": bridge_status,
+            "auth": settings.bridge_auth,
+            "managed": Daemon(settings.state_dir, BRIDGE).running(),
+        },
         "label_studio": {
             "url": studio_url,
             "project_id": project_id,
             "ml_backend_connected": connected,
             "managed": Daemon(settings.state_dir, LABEL_STUDIO).running(),
         },
+        "trainer": {
+            "watching": Daemon(settings.state_dir, TRAINER).running(),
+            "train_every_annotations": settings.train_every_annotations,
+            "last_run": _run_summary(last_run(settings)),
+        },
+    }
+
+
+def _run_summary(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What ``status`` shows of a history record: when, what, the decision and what it published."""
+    if record is None:
+        return None
+    decision = record.get("decision") or {}
+    served = record.get("served") or {}
+    candidate = record.get("candidate") or {}
+    return {
+        "time": record.get("time"),
+        "kind": record.get("kind"),
+        "run_id": record.get("run_id"),
+        "served_version": served.get("version"),
+        "served_map50": served.get("map50"),
+        "candidate_map50": candidate.get("map50"),
+        "retrain_needed": decision.get("retrain_needed"),
+        "deploy": decision.get("deploy"),
+        "reasons": list(decision.get("reasons") or []),
+        "published_version": record.get("published_version"),
+        "error": record.get("error"),
     }
 
 
@@ -251,14 +351,19 @@ def up(
     no_label_studio: Annotated[
         bool, typer.Option("--no-label-studio", help="Bring your own Label Studio (set LABEL_STUDIO_URL / _API_KEY).")
     ] = False,
+    no_trainer: Annotated[
+        bool, typer.Option("--no-trainer", help="Do not start the trainer watcher (train with `labelloop train`).")
+    ] = False,
 ) -> None:
-    """Start Triton, the bridge and Label Studio (training the default model first if there is none)."""
+    """Start Triton, the bridge, Label Studio and the trainer watcher (training a default model first if none)."""
     settings = load_settings(triton_url=triton_url)
     if triton_url is None:  # we start Triton: clients reach it where it listens
         client_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
         settings = settings.model_copy(update={"triton_url": f"{client_host}:{settings.grpc_port}"})
     paths = StackPaths(settings.state_dir)
+    watching = False
     try:
+        auth = bridge_auth(settings)
         if triton_url is None:
             ensure_model(settings)
             info = start_triton(settings)
@@ -273,14 +378,19 @@ def up(
         if not no_label_studio:
             creds = start_label_studio(settings, paths)
             studio_url, token = f"http://127.0.0.1:{settings.label_studio_port}", creds.token
-        bridge_url = start_bridge(settings, studio_url, token)
+        bridge_url = start_bridge(settings, studio_url, token, auth)
         if creds is not None and studio_url is not None:
             admin = StudioAdmin(studio_url, creds.token)
             try:
                 project_id = admin.ensure_project(settings.project_title, DEFECT_LABEL_CONFIG)
-                admin.ensure_ml_backend(project_id, bridge_url)
+                admin.ensure_ml_backend(project_id, bridge_url, auth)
+                # Label Studio's own webhook to the model carries no credentials: the trainer's events need them.
+                admin.ensure_webhook(project_id, f"{bridge_url}/webhook", auth)
             finally:
                 admin.close()
+        if not no_trainer and studio_url and token:
+            start_trainer(settings, studio_url, token, project_id)
+            watching = True
     except LabelloopError as exc:
         raise fail(exc) from exc
     paths.stack_file.parent.mkdir(parents=True, exist_ok=True)
@@ -296,24 +406,34 @@ def up(
     )
     typer.echo(f"\nTriton        {settings.triton_url}  ({info.name} v{info.version}: {', '.join(info.classes)})")
     typer.echo(f"Bridge        {bridge_url}  (Label Studio's model URL)")
+    if auth is not None:
+        typer.echo(f"  basic auth  user {auth.user}; password in {credentials_path(settings)} (owner-only)")
+    if watching:
+        typer.echo(
+            f'Trainer       watching: "Start training" or {settings.train_every_annotations} new annotations '
+            "train a candidate, published if the rules say so"
+        )
     if creds is not None:
         typer.echo(f"Label Studio  {studio_url}/projects/{project_id}  login {creds.username} / {creds.password}")
         typer.echo(
             "\nNext: open the project, import images (Import button), and the boxes appear as pre-labels;\n"
             "or select tasks -> Actions -> Retrieve Predictions. Then verify/correct and submit;\n"
-            "`labelloop train --project "
-            f"{project_id}` turns your labels into a new model version.\n"
-            f"Logs: {settings.state_dir / 'logs'}   Stop everything: `labelloop down`"
+            "Settings -> Model -> Start Training (or enough new annotations) trains a new model version.\n"
+            f"Logs: {settings.state_dir / 'logs'}   State: `labelloop status`   Stop everything: `labelloop down`"
         )
     else:
-        typer.echo("\nNext: in your Label Studio, Settings -> Model -> Connect Model, URL " + bridge_url)
+        typer.echo(
+            f"\nNext: in your Label Studio, Settings -> Model -> Connect Model, URL {bridge_url}"
+            + (", Authentication: Basic (the user and password above)" if auth is not None else "")
+            + f",\nand add the header `Authorization: Basic <base64 user:password>` to its webhook {bridge_url}/webhook"
+        )
 
 
 @app.command()
 def down() -> None:
     """Stop what `labelloop up` started, and only that."""
     settings = load_settings()
-    for name in (BRIDGE, LABEL_STUDIO, TRITON):
+    for name in (TRAINER, BRIDGE, LABEL_STUDIO, TRITON):
         stopped = Daemon(settings.state_dir, name).stop()
         typer.echo(f"{name}: {'stopped' if stopped else 'not running'}")
     StackPaths(settings.state_dir).stack_file.unlink(missing_ok=True)
@@ -321,15 +441,49 @@ def down() -> None:
 
 @app.command()
 def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """The state of Triton, the bridge and Label Studio."""
-    state = stack_status(load_settings())
+    """The state of Triton, the bridge, Label Studio and the trainer, with the last training run."""
+    try:
+        state = stack_status(load_settings())
+    except LabelloopError as exc:
+        raise fail(exc) from exc
     if as_json:
         typer.echo(json.dumps(state, indent=2))
         return
-    t, b, ls = state["triton"], state["bridge"], state["label_studio"]
+    t, b, ls, tr = state["triton"], state["bridge"], state["label_studio"], state["trainer"]
     typer.echo(f"triton        {t['url']}: {'ready' if t['ready'] else 'not ready'} {t['model']} v{t['version']}")
-    typer.echo(f"bridge        {b['url']}: {b['status']}")
+    typer.echo(f"bridge        {b['url']}: {b['status']} (auth: {b['auth']})")
     typer.echo(
         f"label studio  {ls['url']}: project {ls['project_id']}, "
         f"model {'connected' if ls['ml_backend_connected'] else 'not connected'}"
     )
+    watcher = f"watching (every {tr['train_every_annotations']} annotations)" if tr["watching"] else "not watching"
+    typer.echo(f"trainer       {watcher}")
+    typer.echo(f"last run      {_run_text(tr['last_run'])}")
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+
+def _run_text(run: dict[str, Any] | None) -> str:
+    """One paragraph: when and what ran, what the rules decided and why."""
+    if run is None:
+        return "none yet"
+    head = f"{run['time']} {run['kind']}" + (f" {run['run_id']}" if run["run_id"] else "")
+    if run["kind"] == "bootstrap":
+        return f"{head}: published v{run['published_version']} (candidate mAP50 {_fmt(run['candidate_map50'])})"
+    if run["published_version"] is not None:
+        outcome = f"deployed: published v{run['published_version']}"
+    elif run["deploy"] is False or run["kind"] == "evaluate":
+        outcome = f"not deployed: v{run['served_version']} stays served"
+    else:
+        outcome = "not deployed"
+    lines = [
+        f"{head}: {outcome}",
+        f"  served v{run['served_version']} mAP50 {_fmt(run['served_map50'])}, "
+        f"candidate mAP50 {_fmt(run['candidate_map50'])}",
+        *(f"  - {reason}" for reason in run["reasons"]),
+    ]
+    if run["error"]:
+        lines.append(f"  error: {run['error']}")
+    return "\n".join(lines)

@@ -5,9 +5,11 @@
     POST /predict   one prediction per task, in order, each with ``model_version`` (100 s)
     POST /webhook   stores the event for the trainer, 201
     GET  /metrics   Prometheus text
+    GET  /docs, /redoc, /openapi.json
 
-Every route sits behind HTTP basic auth when both ``basic_auth_user`` and ``basic_auth_pass`` are set.
-Expected failures answer ``{"detail", "error"}`` with the error class's status, never a traceback.
+Every route, the API docs included, sits behind HTTP basic auth unless ``bridge_auth`` is "none":
+the configured pair, else the one generated into ``<state_dir>/bridge-auth.json``. Expected
+failures answer ``{"detail", "error"}`` with the error class's status, never a traceback.
 """
 
 from __future__ import annotations
@@ -15,15 +17,20 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from pydantic import ValidationError
 
+from core.credentials import bridge_credentials
 from core.errors import ConfigError, LabelloopError, TritonUnavailableError
 from core.events import EventStore
 from core.fetch import ImageFetcher
@@ -49,7 +56,9 @@ logger = logging.getLogger(__name__)
 
 # Label Studio gives /health 1 s and /setup 3 s: the probe must answer well inside that.
 PROBE_TIMEOUT_S = 0.9
-_PATHS = frozenset({"/health", "/setup", "/predict", "/webhook", "/metrics"})
+_PATHS = frozenset({"/health", "/setup", "/predict", "/webhook", "/metrics", "/docs", "/redoc", "/openapi.json"})
+_INVALID = "RequestValidationError"
+_SHOWN_PROBLEMS = 5  # a 500-task /predict with one bad field would otherwise answer 500 lines
 
 
 @dataclass
@@ -95,15 +104,47 @@ class _BasicAuth:
             )
 
 
-def _basic_auth(settings: Settings) -> list[Any]:
-    """Basic auth on every route when user and password are set; ConfigError when only one is."""
-    user = settings.basic_auth_user
-    password = settings.basic_auth_pass.get_secret_value() if settings.basic_auth_pass else None
-    if not user and not password:
+def _auth_dependencies(settings: Settings) -> list[Any]:
+    """Basic auth on every route unless ``bridge_auth`` is explicitly "none"."""
+    if settings.bridge_auth == "none":
+        logger.warning(
+            "bridge_auth is 'none': anyone who reaches %s:%d can read /docs, run /predict and write /webhook",
+            settings.bridge_host,
+            settings.bridge_port,
+        )
         return []
-    if not user or not password:
-        raise ConfigError("basic auth needs both BASIC_AUTH_USER and BASIC_AUTH_PASS (only one is set)")
-    return [Depends(_BasicAuth(user, password))]
+    credentials = bridge_credentials(settings)
+    assert credentials is not None  # create=True always yields a pair
+    return [Depends(_BasicAuth(credentials.user, credentials.password.get_secret_value()))]
+
+
+def _problems(errors: Sequence[Any]) -> str:
+    """Pydantic's errors as one line: ``field: message; ...`` (the body prefix dropped, the first few)."""
+    lines = []
+    for error in errors[:_SHOWN_PROBLEMS]:
+        where = ".".join(str(part) for part in error["loc"] if part != "body")
+        lines.append(f"{where}: {error['msg']}" if where else str(error["msg"]))
+    more = len(errors) - _SHOWN_PROBLEMS
+    return "; ".join(lines) + (f"; and {more} more" if more > 0 else "")
+
+
+def _error(status: int, detail: str, error: str) -> JSONResponse:
+    return JSONResponse(ErrorResponse(detail=detail, error=error).model_dump(), status_code=status)
+
+
+async def _read_bounded(request: Request, limit: int) -> bytes | None:
+    """The body, or None as soon as it is known to exceed ``limit`` (declared or while streaming)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -128,7 +169,7 @@ def create_app(settings: Settings) -> FastAPI:
                 model_version_name(info.name, info.version),
                 settings.triton_url,
                 ", ".join(info.classes),
-                ", ".join(sorted(fetcher.allowed_hosts)) or "nowhere (set LABEL_STUDIO_URL or LABELLOOP_ALLOWED_HOSTS)",
+                ", ".join(fetcher.allowed_origins) or "nowhere (set LABEL_STUDIO_URL or LABELLOOP_ALLOWED_ORIGINS)",
             )
         except LabelloopError as exc:
             logger.warning("Triton does not answer yet (%s); /health says DOWN until it does", exc)
@@ -139,22 +180,34 @@ def create_app(settings: Settings) -> FastAPI:
             await detector.close()
             await probe.close()
 
+    # FastAPI serves its own /docs, /redoc and /openapi.json outside the app's dependencies (no
+    # auth): they are switched off here and served below as ordinary, authenticated routes.
     app = FastAPI(
         title="labelloop bridge",
         description="Label Studio ML backend serving pre-labels from Triton.",
         lifespan=lifespan,
-        dependencies=_basic_auth(settings),
+        dependencies=_auth_dependencies(settings),
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
 
     @app.exception_handler(LabelloopError)
     async def labelloop_error(request: Request, exc: LabelloopError) -> JSONResponse:
         logger.warning("%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
         metrics.errors.inc(where="request", error=type(exc).__name__)
-        body = ErrorResponse(detail=str(exc), error=type(exc).__name__)
-        return JSONResponse(body.model_dump(), status_code=exc.http_status)
+        return _error(exc.http_status, str(exc), type(exc).__name__)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = _problems(exc.errors())
+        logger.warning("%s %s: invalid request: %s", request.method, request.url.path, detail)
+        metrics.errors.inc(where="request", error=_INVALID)
+        return _error(422, detail, _INVALID)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        request.state.arrived = time.monotonic()  # a /predict's deadline counts from here
         response = await call_next(request)
         path = request.url.path if request.url.path in _PATHS else "other"
         metrics.requests.inc(path=path, status=str(response.status_code))
@@ -174,32 +227,66 @@ def create_app(settings: Settings) -> FastAPI:
         return JSONResponse(up.model_dump())
 
     @app.post("/setup")
-    async def setup(request: SetupRequest, bridge: State) -> SetupResponse:
+    async def setup(body: SetupRequest, bridge: State) -> SetupResponse:
         """The served model version; a label config with nothing to predict is refused here already."""
         info = await bridge.probe.info()
-        if request.label_config:
-            plan_for_config(request.label_config, tuple(info.classes), settings.conf)
+        if body.label_config:
+            plan_for_config(body.label_config, tuple(info.classes), settings.conf)
         return SetupResponse(model_version=model_version_name(info.name, info.version))
 
     @app.post("/predict")
-    async def predict(request: PredictRequest, bridge: State) -> PredictResponse:
-        """One prediction per task, in order; failed tasks answer empty and the batch goes on."""
-        if not request.label_config:
+    async def predict(body: PredictRequest, request: Request, bridge: State) -> PredictResponse:
+        """One prediction per task, in order, within ``predict_deadline_s`` of the request's arrival."""
+        if not body.label_config:
             raise ConfigError("the request carries no label_config")
-        started = time.perf_counter()
-        results = await bridge.predictor.predict(request.tasks, request.label_config)
-        logger.info("predicted %d tasks in %.1fs", len(results), time.perf_counter() - started)
+        deadline = request.state.arrived + settings.predict_deadline_s
+        results = await bridge.predictor.predict(body.tasks, body.label_config, deadline)
+        logger.info("predicted %d tasks in %.1fs", len(results), time.monotonic() - request.state.arrived)
         return PredictResponse(results=results)
 
-    @app.post("/webhook", status_code=201)
-    def webhook(payload: WebhookEvent, bridge: State) -> WebhookResponse:
-        """Store the event for the trainer (sync: SQLite commits run in the thread pool)."""
-        event = bridge.events.append(payload.model_dump())
+    @app.post(
+        "/webhook",
+        status_code=201,
+        response_model=WebhookResponse,
+        responses={413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+        openapi_extra={"requestBody": {"content": {"application/json": {"schema": WebhookEvent.model_json_schema()}}}},
+    )
+    async def webhook(request: Request, bridge: State) -> WebhookResponse | JSONResponse:
+        """Store the event for the trainer; the body is bounded while it streams in, then validated."""
+        limit = settings.webhook_max_bytes
+        raw = await _read_bounded(request, limit)
+        if raw is None:
+            metrics.errors.inc(where="request", error="PayloadTooLarge")
+            logger.warning("POST /webhook: body over the %d-byte limit, refused", limit)
+            return _error(
+                413, f"the webhook body is over the {limit}-byte limit (webhook_max_bytes)", "PayloadTooLarge"
+            )
+        try:
+            payload = WebhookEvent.model_validate_json(raw)
+        except ValidationError as exc:
+            detail = f"not a Label Studio webhook event: {_problems(exc.errors())}"
+            metrics.errors.inc(where="request", error=_INVALID)
+            logger.warning("POST /webhook: %s", detail)
+            return _error(422, detail, _INVALID)
+        # SQLite commits block: they run in the thread pool.
+        event = await run_in_threadpool(bridge.events.append, payload.model_dump())
         logger.debug("stored %s event %d (task %s)", event.action, event.id, event.task_id)
         return WebhookResponse(id=event.id)
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(), media_type=BridgeMetrics.CONTENT_TYPE)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
 
     return app

@@ -11,9 +11,10 @@ import typer
 import uvicorn
 
 from core.console import fail
+from core.credentials import credentials_path
 from core.errors import ConfigError, LabelloopError
 from core.processes import port_in_use
-from core.settings import load_settings
+from core.settings import Settings, load_settings
 from ls_bridge.app import create_app
 from ls_bridge.prelabel import prelabel_project
 
@@ -24,6 +25,16 @@ app = typer.Typer(no_args_is_help=True)
 
 TritonUrl = Annotated[str | None, typer.Option("--triton-url", help="Triton gRPC host:port.")]
 ModelName = Annotated[str | None, typer.Option("--model", help="Detector name in the repository.")]
+
+
+def _log_auth(settings: Settings) -> None:
+    """Say where the bridge's password is; never the password."""
+    if settings.bridge_auth == "none":
+        return
+    if settings.basic_auth_user:
+        logger.info("basic auth on: user %r, password from basic_auth_pass (BASIC_AUTH_PASS)", settings.basic_auth_user)
+    else:
+        logger.info("basic auth on: user and password in %s (owner-only)", credentials_path(settings))
 
 
 @app.command()
@@ -43,6 +54,7 @@ def bridge(
         application = create_app(settings)
     except LabelloopError as exc:
         raise fail(exc) from exc
+    _log_auth(settings)
     # log_config=None keeps the CLI's logging setup instead of uvicorn's own.
     config = uvicorn.Config(application, host=settings.bridge_host, port=settings.bridge_port, log_config=None)
     # uvicorn re-raises the signal that stopped it after a graceful shutdown; end normally instead.

@@ -1,9 +1,10 @@
-"""Label configs, read with label-studio-sdk's label interface, turned into plans for pre-labels.
+"""Label configs turned into plans for pre-labels.
 
 One class per control tag (``RectangleLabelsModel``, ``TAG = "RectangleLabels"``), found through
 ``CONTROL_MODELS``. Each pairs one control with one object tag (``RectangleLabels`` -> ``Image``),
 maps model classes to the control's labels and turns detections into Label Studio regions.
-Nothing here runs a model: the detections come in, regions go out.
+Nothing here runs a model: the detections come in, regions go out. The config is parsed and the
+labels mapped by :mod:`core.labelmap`, the same map the trainer reads annotations back with.
 
 Per-control knobs are attributes in the label config, as Label Studio's own ML backends read them:
 ``model_score_threshold`` (drop boxes below it), ``model_skip="true"`` (leave the control alone)
@@ -15,14 +16,13 @@ from __future__ import annotations
 import logging
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, ClassVar
-
-from label_studio_sdk.label_interface.interface import LabelInterface
+from typing import ClassVar
 
 from core.errors import ConfigError
+from core.labelmap import IMAGE, RECTANGLE_LABELS, ConfigControl, ConfigObject, LabelMap, map_labels, parse_label_config
 from ls_bridge.geometry import PixelBox, pixels_to_percent
 from ls_bridge.schemas import RectangleRegion, RectangleValue
 from serving.client import ImageDetections
@@ -32,7 +32,6 @@ __all__ = [
     "ControlModel",
     "LabelPlan",
     "RectangleLabelsModel",
-    "build_label_map",
     "plan_for_config",
 ]
 
@@ -41,42 +40,18 @@ logger = logging.getLogger(__name__)
 _TRUE = frozenset({"true", "1", "yes"})
 
 
-def build_label_map(
-    from_name: str, labels: Mapping[str, Mapping[str, Any]], model_classes: Sequence[str]
-) -> dict[str, str]:
-    """Model class -> Label Studio label: ``predicted_values`` first, then exact, then case-insensitive name.
-
-    ``labels`` is the control's ``{label: attributes}``. Logs one line per model class left without
-    a label, and one per ``predicted_values`` entry that names no model class.
-    """
-    classes = set(model_classes)
-    label_map: dict[str, str] = {}
-    for label, attrs in labels.items():
-        for value in str(attrs.get("predicted_values", "")).split(","):
-            value = value.strip()
-            if not value:
-                continue
-            if value not in classes:
-                logger.warning(
-                    "%s: predicted_values %r on label %r names no model class (model classes: %s)",
-                    from_name,
-                    value,
-                    label,
-                    ", ".join(model_classes),
-                )
-                continue
-            label_map.setdefault(value, label)
-    by_folded = {label.casefold(): label for label in labels}
-    for name in model_classes:
-        if name in label_map:
-            continue
-        if name in labels:
-            label_map[name] = name
-        elif name.casefold() in by_folded:
-            label_map[name] = by_folded[name.casefold()]
-        else:
-            logger.warning("%s: model class %r has no label; its boxes are dropped", from_name, name)
-    return label_map
+def _log_gaps(label_map: LabelMap, model_classes: Sequence[str]) -> None:
+    """One line per model class left without a label, and per ``predicted_values`` entry naming no class."""
+    for label, value in label_map.unknown_predicted:
+        logger.warning(
+            "%s: predicted_values %r on label %r names no model class (model classes: %s)",
+            label_map.control,
+            value,
+            label,
+            ", ".join(model_classes),
+        )
+    for name in label_map.unlabelled:
+        logger.warning("%s: model class %r has no label; its boxes are dropped", label_map.control, name)
 
 
 @dataclass(frozen=True)
@@ -99,32 +74,32 @@ class ControlModel(ABC):
     @classmethod
     def create(
         cls,
-        control: Any,
-        obj: Any,
+        control: ConfigControl,
+        obj: ConfigObject,
         model_classes: Sequence[str],
         default_threshold: float,
     ) -> ControlModel | None:
         """Build the model for one control/object pair, or None when the pair cannot be predicted."""
-        attrs: Mapping[str, str] = control.attr
+        attrs = control.attrs
         if attrs.get("model_skip", "").strip().lower() in _TRUE:
             logger.info("%s: model_skip is set; not pre-labelled", control.name)
             return None
-        value = str(obj.value or "")
-        if not value.startswith("$") or len(value) < 2:
-            logger.warning("%s -> %s: object value %r is not a task field ($name)", control.name, obj.name, value)
+        if obj.value_key is None:
+            logger.warning("%s -> %s: object value %r is not a task field ($name)", control.name, obj.name, obj.value)
             return None
         threshold = attrs.get("model_score_threshold")
         try:
             score_threshold = float(threshold) if threshold is not None else default_threshold
         except ValueError as exc:
             raise ConfigError(f"{control.name}: model_score_threshold={threshold!r} is not a number") from exc
-        labels = {name: tag.attr for name, tag in (control.labels_attrs or {}).items()}
+        label_map = map_labels(control, model_classes)
+        _log_gaps(label_map, model_classes)
         return cls(
             from_name=control.name,
             to_name=obj.name,
-            value_key=value[1:],
+            value_key=obj.value_key,
             score_threshold=score_threshold,
-            label_map=build_label_map(control.name, labels, model_classes),
+            label_map=label_map.to_label,
         )
 
     @abstractmethod
@@ -136,8 +111,8 @@ class ControlModel(ABC):
 class RectangleLabelsModel(ControlModel):
     """Boxes on an image, as ``rectanglelabels`` results in percent of the displayed image."""
 
-    TAG: ClassVar[str] = "RectangleLabels"
-    OBJECT_TAGS: ClassVar[frozenset[str]] = frozenset({"Image"})
+    TAG: ClassVar[str] = RECTANGLE_LABELS
+    OBJECT_TAGS: ClassVar[frozenset[str]] = frozenset({IMAGE})
 
     def regions(self, detections: ImageDetections) -> list[RectangleRegion]:
         results = []
@@ -197,25 +172,13 @@ class LabelPlan:
         return regions, score
 
 
-def _parse(config: str) -> LabelInterface:
-    """The SDK's parser, its failures as ConfigError."""
-    try:
-        return LabelInterface(config)
-    except Exception as exc:  # the SDK raises plain Exception (and its own XML errors) for bad configs
-        raise ConfigError(f"label config cannot be parsed: {exc}") from exc
-
-
-def _describe(controls: Iterable[Any]) -> str:
-    return "; ".join(f"{c.tag} {c.name!r} -> {', '.join(c.to_name or [])}" for c in controls) or "no controls"
-
-
 @lru_cache(maxsize=64)
 def plan_for_config(config: str, model_classes: tuple[str, ...], default_threshold: float) -> LabelPlan:
     """Parse a label config once per (config, classes); ConfigError when nothing in it can be predicted."""
-    interface = _parse(config)
+    parsed = parse_label_config(config)
     controls: list[ControlModel] = []
-    for control in interface.controls:
-        for obj in control.objects or []:
+    for control in parsed.controls:
+        for obj in control.objects:
             model_cls = next((m for m in CONTROL_MODELS.values() if m.is_control_matched(control.tag, obj.tag)), None)
             if model_cls is None:
                 continue
@@ -225,11 +188,10 @@ def plan_for_config(config: str, model_classes: tuple[str, ...], default_thresho
     if not controls:
         supported = ", ".join(f"{t} -> {'/'.join(sorted(m.OBJECT_TAGS))}" for t, m in CONTROL_MODELS.items())
         raise ConfigError(
-            f"nothing to pre-label in this label config: it needs a {supported} pair "
-            f"(found: {_describe(interface.controls)})"
+            f"nothing to pre-label in this label config: it needs a {supported} pair (found: {parsed.describe()})"
         )
     if not any(c.label_map for c in controls):
-        labels = sorted({label for c in interface.controls if c.tag in CONTROL_MODELS for label in c.labels or []})
+        labels = sorted({label.name for c in parsed.controls_of(CONTROL_MODELS) for label in c.labels})
         raise ConfigError(
             f"no model class matches a label in the config: model classes [{', '.join(model_classes)}], "
             f"config labels [{', '.join(labels)}]. Rename the labels, or add "

@@ -5,6 +5,8 @@ by the fetcher's and the detector's semaphores and by ``fetch_concurrency + trit
 tasks in flight (so a big batch never holds every image in memory). While one image downloads,
 others are being decoded and run by Triton. A task that fails answers with an empty result and one
 warning line; only an unreachable Triton fails the whole batch, since then every task would fail.
+An optional deadline (``time.monotonic()``) bounds every download and every Triton call, retries
+included: a batch answers before Label Studio stops waiting for it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from core.settings import Settings
 from ls_bridge.controls import LabelPlan, plan_for_config
 from ls_bridge.metrics import BridgeMetrics
 from ls_bridge.schemas import Prediction, Task
-from serving.client import DetectorClient, ImageDetections, ModelInfo
+from serving.client import DetectorClient, ImageDetections, ModelInfo, probe_image
 
 __all__ = ["Predictor", "TaskOutcome", "model_version_name"]
 
@@ -72,7 +74,7 @@ class Predictor:
     def version_name(self, version: int) -> str:
         return model_version_name(self.settings.model_name, version)
 
-    async def plan(self, label_config: str) -> tuple[LabelPlan, ModelInfo]:
+    async def plan(self, label_config: str, deadline: float | None = None) -> tuple[LabelPlan, ModelInfo]:
         """The plan for this config with the classes of the version that answered last.
 
         Only the first call asks Triton (a real inference); after that every answer names the
@@ -81,22 +83,26 @@ class Predictor:
         """
         info = self._served
         if info is None:
-            info = self._served = await self.detector.info()
+            info = self._served = (await self.detector.detect(probe_image(), deadline=deadline)).model
         return plan_for_config(label_config, tuple(info.classes), self.settings.conf), info
 
-    async def predict(self, tasks: Sequence[Task], label_config: str) -> list[Prediction]:
+    async def predict(
+        self, tasks: Sequence[Task], label_config: str, deadline: float | None = None
+    ) -> list[Prediction]:
         """Exactly one prediction per task, in order."""
-        plan, info = await self.plan(label_config)
-        return [outcome.prediction for outcome in await self.predict_tasks(tasks, plan, info)]
+        plan, info = await self.plan(label_config, deadline)
+        return [outcome.prediction for outcome in await self.predict_tasks(tasks, plan, info, deadline)]
 
-    async def predict_tasks(self, tasks: Sequence[Task], plan: LabelPlan, info: ModelInfo) -> list[TaskOutcome]:
+    async def predict_tasks(
+        self, tasks: Sequence[Task], plan: LabelPlan, info: ModelInfo, deadline: float | None = None
+    ) -> list[TaskOutcome]:
         """One outcome per task, in order; TritonUnavailableError fails the batch."""
-        return await _gather_or_cancel([self._predict_task(task, plan, info) for task in tasks])
+        return await _gather_or_cancel([self._predict_task(task, plan, info, deadline) for task in tasks])
 
-    async def _predict_task(self, task: Task, plan: LabelPlan, info: ModelInfo) -> TaskOutcome:
+    async def _predict_task(self, task: Task, plan: LabelPlan, info: ModelInfo, deadline: float | None) -> TaskOutcome:
         async with self._in_flight:
             try:
-                detections = {key: await self._detect_field(task, key, plan) for key in plan.value_keys}
+                detections = {key: await self._detect_field(task, key, plan, deadline) for key in plan.value_keys}
                 # A plan reads at least one image; its answer names the version Triton actually ran.
                 served = next(iter(detections.values())).model
                 plan = plan.for_classes(tuple(served.classes))
@@ -116,11 +122,11 @@ class Predictor:
         version = self.version_name(served.version)
         return TaskOutcome(task.id, Prediction(result=regions, score=score, model_version=version))
 
-    async def _detect_field(self, task: Task, key: str, plan: LabelPlan) -> ImageDetections:
+    async def _detect_field(self, task: Task, key: str, plan: LabelPlan, deadline: float | None) -> ImageDetections:
         url = task.data.get(key)
         if not isinstance(url, str):
             raise FetchError(f"task data has no {key!r} image URL")
         with self.metrics.stages.time(stage="fetch"):
-            image = await self.fetcher.fetch(url, task.id)
+            image = await self.fetcher.fetch(url, task.id, deadline)
         with self.metrics.stages.time(stage="infer"):
-            return await self.detector.detect(image, conf=plan.min_threshold, iou=self.settings.iou)
+            return await self.detector.detect(image, conf=plan.min_threshold, iou=self.settings.iou, deadline=deadline)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 __all__ = [
     "ErrorResponse",
@@ -46,6 +48,31 @@ class SetupRequest(_Incoming):
     hostname: str | None = None
     access_token: str | None = Field(None, repr=False)
     extra_params: dict[str, Any] | None = None
+
+    @field_validator("extra_params", mode="before")
+    @classmethod
+    def _parse_extra_params(cls, value: Any) -> Any:
+        """Label Studio's Connect Model form sends its "Extra params" textarea as text: empty or JSON."""
+        if not isinstance(value, str):
+            return value
+        if not value.strip():
+            return None
+        try:
+            parsed = json.loads(value)
+        except ValueError as exc:
+            raise PydanticCustomError(
+                "extra_params_json",
+                'extra params are not valid JSON ({error}); leave Label Studio\'s "Extra params" '
+                "(Connect Model) empty or write a JSON object",
+                {"error": str(exc)},
+            ) from exc
+        if not isinstance(parsed, dict):
+            raise PydanticCustomError(
+                "extra_params_object",
+                "extra params must be a JSON object, not {kind}",
+                {"kind": type(parsed).__name__},
+            )
+        return parsed
 
 
 class SetupResponse(BaseModel):
@@ -109,7 +136,7 @@ class HealthResponse(BaseModel):
 class WebhookEvent(_Incoming):
     """A webhook body: ``action`` plus whatever Label Studio sends with it (project, task, annotation)."""
 
-    action: str
+    action: str = Field(min_length=1)
 
 
 class WebhookResponse(BaseModel):

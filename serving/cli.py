@@ -38,8 +38,11 @@ def serve(
     model_repository: RepoOpt = None,
     host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
     grpc_port: Annotated[int | None, typer.Option(help="gRPC port (default 8001).")] = None,
-    http_port: Annotated[int | None, typer.Option(help="HTTP port (default 8000).")] = None,
+    http_port: Annotated[int | None, typer.Option(help="HTTP port, with --http (default 8000).")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Metrics port (default 8002).")] = None,
+    http: Annotated[
+        bool | None, typer.Option("--http/--no-http", help="Open Triton's HTTP/REST endpoint (default: closed).")
+    ] = None,
     model: ModelName = None,
 ) -> None:
     """Run tritonserver in the foreground until Ctrl-C / SIGTERM; ready once a real inference passes."""
@@ -49,6 +52,7 @@ def serve(
         grpc_port=grpc_port,
         http_port=http_port,
         metrics_port=metrics_port,
+        triton_http=http,
         model_name=model,
     )
     stop = threading.Event()
@@ -61,6 +65,7 @@ def serve(
         grpc_port=settings.grpc_port,
         http_port=settings.http_port,
         metrics_port=settings.metrics_port,
+        http=settings.triton_http,
     )
     try:
         process.start()

@@ -1,8 +1,10 @@
 """Asynchronous gRPC client for the Triton-served detector.
 
 One client keeps one gRPC channel open; requests are bounded by a semaphore, each has a deadline,
-and UNAVAILABLE is retried with exponential backoff. Every tritonclient exception is translated
-here into the labelloop error tree.
+and UNAVAILABLE or DEADLINE_EXCEEDED is retried with exponential backoff. A caller's own deadline
+(``time.monotonic()``, e.g. what is left of a Label Studio request) bounds all attempts together:
+each gets at most what is left of it, and no retry starts once it is spent. Every tritonclient
+exception is translated here into the labelloop error tree.
 """
 
 from __future__ import annotations
@@ -151,28 +153,43 @@ class DetectorClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run one RPC with retries on UNAVAILABLE and the errors translated."""
+    async def _call(self, what: str, fn: Any, *args: Any, deadline: float | None = None, **kwargs: Any) -> Any:
+        """Run one RPC with retries on UNAVAILABLE, all within ``deadline``, and the errors translated."""
         delay = self.backoff_s
         for attempt in range(self.retries + 1):
+            timeout_s = self.timeout_s
+            if deadline is not None:
+                timeout_s = min(timeout_s, deadline - time.monotonic())
+                if timeout_s <= 0:
+                    raise TritonUnavailableError(f"{what}: the request's time budget was spent before Triton answered")
             try:
-                return await fn(*args, client_timeout=self.timeout_s, **kwargs)
+                return await fn(*args, client_timeout=timeout_s, **kwargs)
             except InferenceServerException as exc:
                 error = _translate(exc, what)
                 if not isinstance(error, TritonUnavailableError) or attempt == self.retries:
                     raise error from exc
+                if deadline is not None and time.monotonic() + delay >= deadline:
+                    raise TritonUnavailableError(
+                        f"{error} (attempt {attempt + 1}; no retry: the request's time budget is spent)"
+                    ) from exc
                 logger.debug("%s: %s; retry %d in %.2fs", what, error, attempt + 1, delay)
                 await asyncio.sleep(delay)
                 delay *= 2
         raise AssertionError("unreachable")
 
     async def detect(
-        self, image: bytes, conf: float | None = None, iou: float | None = None, stages: bool = False
+        self,
+        image: bytes,
+        conf: float | None = None,
+        iou: float | None = None,
+        stages: bool = False,
+        deadline: float | None = None,
     ) -> ImageDetections:
         """Detect on one encoded image (one request, so a bad image fails alone).
 
         ``stages`` also asks the model for its own per-stage times: the one-model python variant has
-        them; the ensemble variant refuses the request (an ``InferenceError``).
+        them; the ensemble variant refuses the request (an ``InferenceError``). ``deadline``
+        (``time.monotonic()``) bounds the call, the wait for a slot and retries included.
         """
         tensor = grpcclient.InferInput(IMAGE_INPUT, [1, 1], "BYTES")
         tensor.set_data_from_numpy(np.array([[image]], dtype=np.object_))
@@ -191,6 +208,7 @@ class DetectorClient:
                 [tensor],
                 outputs=outputs,
                 parameters=params or None,
+                deadline=deadline,
             )
             elapsed = time.perf_counter() - started
         model = self._model_info(result.as_numpy("MODEL_INFO")[0, 0])

@@ -67,8 +67,15 @@ def _prepare_backends(install: TritonInstall, state_dir: Path) -> Path:
     return backends
 
 
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
 class TritonProcess:
-    """One tritonserver subprocess, in explicit model-control mode, bound to ``host``."""
+    """One tritonserver subprocess, in explicit model-control mode, every endpoint bound to ``host``.
+
+    The HTTP/REST endpoint stays closed unless ``http`` asks for it: labelloop's clients and model
+    control use gRPC, and the metrics have their own port.
+    """
 
     def __init__(
         self,
@@ -79,11 +86,12 @@ class TritonProcess:
         http_port: int = 8000,
         metrics_port: int = 8002,
         log_file: Path | None = None,
+        http: bool = False,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.state_dir = Path(state_dir).resolve()
         self.host = host
-        self.ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
+        self.ports = {"grpc": grpc_port, "metrics": metrics_port} | ({"http": http_port} if http else {})
         self.log_file = (log_file or self.state_dir / "logs" / "triton.log").resolve()
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -96,6 +104,11 @@ class TritonProcess:
         return self._proc.pid if self._proc else None
 
     def command(self, install: TritonInstall, backends: Path) -> list[str]:
+        # tritonserver binds 0.0.0.0 for any address not given: every endpoint gets ``host`` explicitly.
+        if "http" in self.ports:
+            http = [f"--http-address={self.host}", f"--http-port={self.ports['http']}"]
+        else:
+            http = ["--allow-http=false"]
         return [
             str(install.binary),
             f"--model-repository={self.model_repository}",
@@ -105,11 +118,10 @@ class TritonProcess:
             "--exit-on-error=false",
             "--strict-readiness=false",
             f"--grpc-address={self.host}",
-            f"--http-address={self.host}",
             f"--metrics-address={self.host}",
             f"--grpc-port={self.ports['grpc']}",
-            f"--http-port={self.ports['http']}",
             f"--metrics-port={self.ports['metrics']}",
+            *http,
             "--log-verbose=0",
         ]
 
@@ -130,6 +142,12 @@ class TritonProcess:
             raise ConfigError(
                 f"model repository {self.model_repository} has no models: run `labelloop bootstrap` "
                 "or `labelloop export WEIGHTS.pt`"
+            )
+        if self.host not in _LOOPBACK:
+            logger.warning(
+                "tritonserver listens on %s: its gRPC endpoint, model control included, is open to whoever "
+                "reaches that address",
+                self.host,
             )
         for kind, port in self.ports.items():
             if port_in_use(self.host, port):

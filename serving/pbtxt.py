@@ -28,6 +28,7 @@ class DetectorConfig:
     max_image_pixels: int = 60_000_000
     imgsz: int = 320
     rect: bool = True
+    fast_jpeg_decode: bool = False
     tensorrt_fp16: bool = True
 
 
@@ -69,6 +70,7 @@ def _limits(cfg: DetectorConfig) -> dict[str, object]:
         "iou_threshold": cfg.iou_threshold,
         "max_image_bytes": cfg.max_image_bytes,
         "max_image_pixels": cfg.max_image_pixels,
+        "fast_jpeg_decode": str(cfg.fast_jpeg_decode).lower(),
     }
 
 
@@ -182,4 +184,63 @@ def render_ensemble(cfg: DetectorConfig) -> str:
         + "ensemble_scheduling {\n  step [\n"
         + ",\n".join(steps)
         + "\n  ]\n}\n"
+    )
+
+
+# Backbone (DINOv3 features) ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Knobs of a backbone's features model (python backend running onnxruntime)."""
+
+    name: str = "dinov3"
+    max_batch_size: int = 8
+    instance_count: int = 1
+    kind: str = "KIND_CPU"
+    intra_op_threads: int = 0
+    long_side: int = 448
+    max_long_side: int = 2048
+    max_image_bytes: int = 50_000_000
+    max_image_pixels: int = 60_000_000
+
+
+def render_backbone(cfg: BackboneConfig) -> str:
+    """The features model: an encoded image (and optional long side) in, fp16 patch tokens out.
+
+    Outputs per image: TOKENS (h, w, C) fp16, GRID (h, w), SIZE (resized width, height), IMAGE_SIZE
+    (width, height after EXIF) and MODEL_INFO (JSON, on request). A request may carry several images
+    only if they resize to one grid; clients send one image per request.
+    """
+    # LONG_SIDE is optional: without it the request parameter ``long_side``, else the config's, applies.
+    inputs = (
+        "input [\n"
+        '  { name: "IMAGE" data_type: TYPE_STRING dims: [ 1 ] },\n'
+        '  { name: "LONG_SIDE" data_type: TYPE_INT32 dims: [ 1 ] optional: true }\n'
+        "]\n"
+    )
+    outputs = [
+        ("TOKENS", "TYPE_FP16", "-1, -1, -1"),
+        ("GRID", "TYPE_INT32", "2"),
+        ("SIZE", "TYPE_INT32", "2"),
+        ("IMAGE_SIZE", "TYPE_INT32", "2"),
+        ("MODEL_INFO", "TYPE_STRING", "1"),
+    ]
+    return (
+        f'name: "{cfg.name}"\nbackend: "python"\n'
+        f"max_batch_size: {cfg.max_batch_size}\n"
+        "dynamic_batching { max_queue_delay_microseconds: 0 }\n"
+        + inputs
+        + _tensors("output", outputs)
+        + f"instance_group [ {{ count: {cfg.instance_count} kind: {cfg.kind} }} ]\n"
+        + "version_policy: { latest: { num_versions: 1 } }\n"
+        + _parameters(
+            {
+                "intra_op_threads": cfg.intra_op_threads,
+                "long_side": cfg.long_side,
+                "max_long_side": cfg.max_long_side,
+                "max_image_bytes": cfg.max_image_bytes,
+                "max_image_pixels": cfg.max_image_pixels,
+            }
+        )
     )

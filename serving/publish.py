@@ -51,6 +51,7 @@ def detector_config(settings: Settings) -> DetectorConfig:
         max_image_pixels=settings.max_image_pixels,
         imgsz=settings.imgsz,
         rect=settings.rect,
+        fast_jpeg_decode=settings.fast_jpeg_decode,
     )
 
 
@@ -89,6 +90,7 @@ def build_model(settings: Settings, weights: Path, imgsz: int, folder: Path, ima
         max_image_bytes=settings.max_image_bytes,
         max_image_pixels=settings.max_image_pixels,
         rect=settings.rect,
+        fast_jpeg_decode=settings.fast_jpeg_decode,
     )
     try:
         result = quantize_int8(exported.onnx, folder / "model.int8.onnx", calibration, check, options)

@@ -39,7 +39,16 @@ from serving.triton.detector_ops import (
     postprocess,
 )
 
-__all__ = ["MATCH_IOU", "Agreement", "QuantizeOptions", "QuantizeResult", "agreement", "quantize_int8", "split_images"]
+__all__ = [
+    "MATCH_IOU",
+    "Agreement",
+    "QuantizeOptions",
+    "QuantizeResult",
+    "agreement",
+    "matched_detections",
+    "quantize_int8",
+    "split_images",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +74,7 @@ class QuantizeOptions:
     max_image_bytes: int
     max_image_pixels: int
     rect: bool
+    fast_jpeg_decode: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,7 +121,8 @@ def _inputs(
     stride = letterbox_stride(session.get_inputs()[0].shape, meta, options.rect)
     for path in paths:
         try:
-            decoded = decode_image(path.read_bytes(), options.max_image_bytes, options.max_image_pixels, imgsz)
+            target = imgsz if options.fast_jpeg_decode else None
+            decoded = decode_image(path.read_bytes(), options.max_image_bytes, options.max_image_pixels, target)
         except (OSError, ImageRejected) as exc:
             logger.warning("skipping %s: %s", path, exc)
             continue
@@ -235,7 +246,7 @@ def agreement(reference: Path, candidate: Path, images: Sequence[Path], options:
     matched = total = read = reference_count = 0
     for x, box in _inputs(images, sessions[0], options):
         ref, cand = (postprocess(s.run(None, {name: x})[0][0], box, options.conf, options.iou) for s in sessions)
-        matched += _matches(ref, cand)
+        matched += matched_detections(ref, cand)
         total += len(ref) + len(cand)
         reference_count += len(ref)
         read += 1
@@ -244,7 +255,7 @@ def agreement(reference: Path, candidate: Path, images: Sequence[Path], options:
     return Agreement(1.0 if total == 0 else 2.0 * matched / total, read, reference_count)
 
 
-def _matches(ref: npt.NDArray[np.float32], cand: npt.NDArray[np.float32]) -> int:
+def matched_detections(ref: npt.NDArray[np.float32], cand: npt.NDArray[np.float32]) -> int:
     """Greedy one-to-one matching of ``[N, 6]`` detections, best candidate score first."""
     used = np.zeros(len(ref), bool)
     count = 0

@@ -40,8 +40,20 @@ logger = logging.getLogger(__name__)
 ONNX_FILE = "model.onnx"
 WEIGHTS_FILE = "weights.pt"
 CARD_FILE = "card.json"
-# Copied into every version folder: (package, file); Triton imports each by its file name.
-_RUNTIME_FILES = (("serving.triton", "model.py"), ("serving.triton", "detector_ops.py"), ("core", "image_decode.py"))
+# Copied into every version folder, per model kind: (package, source file, name in the version);
+# Triton runs ``model.py`` and imports the others by their file names.
+_RUNTIME_FILES: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "detector": (
+        ("serving.triton", "model.py", "model.py"),
+        ("serving.triton", "detector_ops.py", "detector_ops.py"),
+        ("core", "image_decode.py", "image_decode.py"),
+    ),
+    "backbone": (
+        ("serving.triton", "backbone_model.py", "model.py"),
+        ("serving.triton", "features_ops.py", "features_ops.py"),
+        ("core", "image_decode.py", "image_decode.py"),
+    ),
+}
 _SET_ASIDE_PREFIX = ".failed-"
 
 
@@ -64,6 +76,15 @@ class ModelCard:
     # model.onnx's precision; for int8, the agreement gate's numbers (or, for fp32, why int8 was refused)
     precision: str = "fp32"
     quantization: dict[str, Any] = field(default_factory=dict)
+    # What the version is for; picks its Triton runtime (cards written before kinds are detectors).
+    kind: str = "detector"
+    # Backbones only: the network and the normalisation its served features were computed with.
+    arch: str | None = None
+    patch_size: int | None = None
+    hidden_size: int | None = None
+    num_register_tokens: int | None = None
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -128,10 +149,13 @@ class ModelRepository:
 
     def write_config(self, cfg: DetectorConfig) -> Path:
         """Write ``config.pbtxt`` for the python runtime (atomically, only if it changed)."""
-        model_dir = self.model_dir(cfg.name)
+        return self.write_config_text(cfg.name, render_python(cfg))
+
+    def write_config_text(self, name: str, text: str) -> Path:
+        """Write a rendered ``config.pbtxt`` for any kind (atomically, only if it changed)."""
+        model_dir = self.model_dir(name)
         model_dir.mkdir(parents=True, exist_ok=True)
         path = model_dir / "config.pbtxt"
-        text = render_python(cfg)
         if not path.is_file() or path.read_text() != text:
             write_atomic(path, text)
         return path
@@ -167,7 +191,7 @@ class ModelRepository:
             staging = self.model_dir(card.name) / f".staging-{uuid.uuid4().hex}"
             try:
                 staging.mkdir()
-                _write_runtime(staging)
+                _write_runtime(staging, card.kind)
                 shutil.copyfile(onnx, staging / ONNX_FILE)
                 if weights is not None:
                     shutil.copyfile(weights, staging / WEIGHTS_FILE)
@@ -191,7 +215,9 @@ class ModelRepository:
 
         A published version keeps the runtime it was written with; the bench measures the code at hand.
         """
-        _write_runtime(self.version_dir(name, version))
+        card = self.version_dir(name, version) / CARD_FILE
+        kind = ModelCard.from_file(card).kind if card.is_file() else "detector"
+        _write_runtime(self.version_dir(name, version), kind)
 
     def set_aside(self, name: str, version: int, reason: str) -> Path:
         """Move a version out of Triton's sight (kept for inspection, never deleted)."""
@@ -205,13 +231,15 @@ class ModelRepository:
         return dst
 
 
-def runtime_files() -> dict[str, bytes]:
-    """The python-backend code every version folder carries, by file name."""
-    return {fname: (resources.files(package) / fname).read_bytes() for package, fname in _RUNTIME_FILES}
+def runtime_files(kind: str = "detector") -> dict[str, bytes]:
+    """The python-backend code every version folder of ``kind`` carries, by file name."""
+    if kind not in _RUNTIME_FILES:
+        raise RepositoryError(f"no Triton runtime for model kind {kind!r}; known: {', '.join(sorted(_RUNTIME_FILES))}")
+    return {dest: (resources.files(package) / src).read_bytes() for package, src, dest in _RUNTIME_FILES[kind]}
 
 
-def _write_runtime(folder: Path) -> None:
-    for fname, data in runtime_files().items():
+def _write_runtime(folder: Path, kind: str = "detector") -> None:
+    for fname, data in runtime_files(kind).items():
         (folder / fname).write_bytes(data)
 
 

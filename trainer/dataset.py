@@ -2,7 +2,8 @@
 
 Two sources feed :func:`build_dataset`, both reduced to :class:`LabelledImage` (boxes by class
 NAME, never by id): a Label Studio YOLO export (:func:`read_yolo_export`, zip or folder, plus
-the image folder) and Label Studio task JSON (:func:`labels_from_tasks`, the API path).
+the image folder) and Label Studio task JSON (:func:`labels_from_tasks`, the API path, where the
+label config maps labels to the model's classes as the bridge does).
 
 Splits are decided by the image's content hash (SHA-256 of its bytes), so the same image always
 lands in the same split whatever its file name or the order it came in:
@@ -31,13 +32,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
-from xml.etree import ElementTree
 
 import yaml
 from PIL import Image, UnidentifiedImageError
 
 from core.errors import DatasetError
 from core.files import write_json_atomic
+from core.labelmap import RECTANGLE_LABELS, LabelMap, map_labels, parse_label_config
 from serving.repository import sha256_file
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "extract_zip",
     "labels_from_tasks",
     "ls_rect_to_xywhn",
+    "map_export_labels",
     "merge_classes",
     "read_yolo_export",
     "summary_table",
@@ -425,28 +427,44 @@ def read_yolo_export(export: Path, images: Path | None, work_dir: Path) -> YoloE
 # --- Label Studio tasks (API) -------------------------------------------------------------------
 
 
-def _config_objects(label_config: str | None) -> tuple[dict[str, str], list[str], set[str]]:
-    """From a labeling config: object name -> task data key, the rectangle label order, rectangle control names."""
+@dataclass(frozen=True)
+class _TaskConfig:
+    """What reading annotations needs from a label config: task fields by object, label maps by control."""
+
+    keys: Mapping[str, str]
+    maps: Mapping[str, LabelMap]
+
+    @property
+    def classes(self) -> list[str]:
+        """The classes the config's labels train, in label order."""
+        return list(dict.fromkeys(c for m in self.maps.values() for c in m.classes))
+
+
+def _task_config(label_config: str | None, model_classes: Sequence[str]) -> _TaskConfig:
     if not label_config:
-        return {}, [], set()
-    try:
-        root = ElementTree.fromstring(label_config)
-    except ElementTree.ParseError as exc:
-        raise DatasetError(f"cannot parse the project's labeling config: {exc}") from exc
-    keys = {
-        str(tag.get("name")): str(tag.get("value", "")).lstrip("$")
-        for tag in root.iter()
-        if tag.get("name") and str(tag.get("value", "")).startswith("$")
-    }
-    order: list[str] = []
-    controls: set[str] = set()
-    for control in root.iter("RectangleLabels"):
-        controls.add(str(control.get("name")))
-        for label in control.iter("Label"):
-            value = label.get("value")
-            if value is not None and value not in order:
-                order.append(value)
-    return keys, order, controls
+        return _TaskConfig({}, {})
+    config = parse_label_config(label_config)
+    keys = {o.name: o.value_key for o in config.objects if o.value_key is not None}
+    maps = {c.name: map_labels(c, model_classes) for c in config.controls_of({RECTANGLE_LABELS})}
+    return _TaskConfig(keys, maps)
+
+
+def map_export_labels(export: YoloExport, label_config: str, model_classes: Sequence[str] = ()) -> YoloExport:
+    """An export's class names turned into ``model_classes`` by the project's label config, as the bridge maps them.
+
+    An export keeps no control per box: each name goes through the first rectangle control listing it.
+    """
+    maps = list(_task_config(label_config, model_classes).maps.values())
+
+    def class_for(label: str) -> str:
+        return next((m.class_for(label) for m in maps if label in m.to_class), label)
+
+    images = tuple(
+        LabelledImage(i.path, tuple(Box(class_for(b.label), b.xc, b.yc, b.w, b.h) for b in i.boxes), i.origin)
+        for i in export.images
+    )
+    classes = tuple(dict.fromkeys(class_for(name) for name in export.classes))
+    return YoloExport(classes, images, export.unmatched_labels)
 
 
 def _chosen_annotation(task: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -481,14 +499,16 @@ def _task_image_url(task: Mapping[str, Any], to_names: Sequence[str], keys: Mapp
 
 
 def labels_from_tasks(
-    tasks: Iterable[Mapping[str, Any]], label_config: str | None = None
+    tasks: Iterable[Mapping[str, Any]], label_config: str | None = None, model_classes: Sequence[str] = ()
 ) -> tuple[list[TaskLabels], list[str]]:
-    """Boxes of each task's chosen annotation, and the config's rectangle label order.
+    """Boxes of each task's chosen annotation, by model class, and the classes the config's labels train.
 
-    Only ``rectanglelabels`` results count; a completed annotation with none is a negative.
-    Tasks with no completed, non-cancelled annotation are left out.
+    Labels become ``model_classes`` (the served model's; empty when none is served) through the
+    bridge's own map (:mod:`core.labelmap`), so ``predicted_values`` and aliases train the class
+    the bridge shows under that label. Only ``rectanglelabels`` results count; a completed
+    annotation with none is a negative. Tasks with no completed, non-cancelled annotation are left out.
     """
-    keys, order, controls = _config_objects(label_config)
+    config = _task_config(label_config, model_classes)
     found: list[TaskLabels] = []
     for task in tasks:
         annotation = _chosen_annotation(task)
@@ -499,7 +519,8 @@ def labels_from_tasks(
         for result in annotation.get("result") or []:
             if not isinstance(result, Mapping) or result.get("type") != "rectanglelabels":
                 continue
-            if controls and result.get("from_name") not in controls:
+            label_map = config.maps.get(str(result.get("from_name")))
+            if config.maps and label_map is None:
                 continue
             if result.get("image_rotation"):
                 logger.warning("task %s: a rotated image view is not supported; box skipped", task.get("id"))
@@ -510,13 +531,15 @@ def labels_from_tasks(
                 logger.warning("task %s: unusable rectangle %s skipped", task.get("id"), value)
                 continue
             to_names.append(str(result.get("to_name", "")))
-            boxes.extend(Box(str(label), *xywhn) for label in value.get("rectanglelabels") or [])
-        url = _task_image_url(task, to_names, keys)
+            for label in value.get("rectanglelabels") or []:
+                name = label_map.class_for(str(label)) if label_map is not None else str(label)
+                boxes.append(Box(name, *xywhn))
+        url = _task_image_url(task, to_names, config.keys)
         if url is None:
             logger.warning("task %s has no image URL in its data; skipped", task.get("id"))
             continue
         found.append(TaskLabels(int(task["id"]), url, tuple(boxes), annotation.get("id")))
-    return found, order
+    return found, config.classes
 
 
 # --- the dataset ---------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """The trainer's history: one JSON line per run, appended after the run's decision, never rewritten.
 
 It is what the ΔmAP50 rule reads: "the served model's mAP50 at its previous evaluation". The
-seed project wrote the new evaluation first and read it back, so its Δ was always 0.
+seed project wrote the new evaluation first and read it back, so its Δ was always 0. A run's
+record is written by :meth:`History.append_run` and read back by :meth:`History.previous_map50`,
+side by side, so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -9,10 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from trainer.rules import Decision
 
 __all__ = ["HOLDOUT_SET", "History"]
 
@@ -57,12 +61,43 @@ class History:
                 found = float(candidate["map50"])
         return found
 
+    def append_run(
+        self,
+        kind: str,
+        *,
+        served_version: int | None,
+        served: Mapping[str, Any] | None,
+        candidate: Mapping[str, Any] | None,
+        decision: Decision,
+        published_version: int | None,
+        **context: Any,
+    ) -> None:
+        """Append one run on the held-out set: metrics of the served version and of the candidate, and the decision.
+
+        ``served`` and ``candidate`` hold at least ``map50``; ``candidate`` counts as the evaluation
+        of ``published_version`` when it was published. ``context`` (run id, dataset hash, error) is kept as is.
+        """
+        self.append(
+            {
+                "kind": kind,
+                "set": HOLDOUT_SET,
+                **context,
+                "served": None if served is None else {"version": served_version, **served},
+                "candidate": None if candidate is None else dict(candidate),
+                "decision": decision.to_dict(),
+                "published_version": published_version,
+            }
+        )
+
     def append(self, record: dict[str, Any]) -> None:
         """Append one record (with a UTC timestamp) as a single write, then fsync."""
         line = json.dumps({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **record}) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = "\n" + line  # a torn last line (a crash mid-write) must not swallow this record
             os.write(fd, line.encode("utf-8"))
             os.fsync(fd)
         finally:

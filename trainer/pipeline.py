@@ -190,21 +190,19 @@ def judge(
     return decide(candidate, served, previous, rules)
 
 
-def _record(report: RunReport, kind: str) -> dict[str, Any]:
-    served = None if report.served is None else {"version": report.served_version, **_metrics(report.served)}
-    candidate = None if report.candidate is None else _candidate(report, report.candidate)
-    return {
-        "kind": kind,
-        "set": HOLDOUT_SET,
-        "run_id": report.run_id,
-        "dataset_hash": report.dataset.hash,
-        "holdout_images": report.dataset.splits["test"].images,
-        "served": served,
-        "candidate": candidate,
-        "decision": report.decision.to_dict(),
-        "published_version": report.published_version,
-        "error": report.error,
-    }
+def _record(history: History, report: RunReport, kind: str) -> None:
+    history.append_run(
+        kind,
+        served_version=report.served_version,
+        served=None if report.served is None else _metrics(report.served),
+        candidate=None if report.candidate is None else _candidate(report, report.candidate),
+        decision=report.decision,
+        published_version=report.published_version,
+        run_id=report.run_id,
+        dataset_hash=report.dataset.hash,
+        holdout_images=report.dataset.splits["test"].images,
+        error=report.error,
+    )
 
 
 def _dry_trainer_dir(real: Path, scratch: Path) -> Path:
@@ -224,9 +222,11 @@ def run_training(settings: Settings, source: Source, options: RunOptions) -> Run
     with training_lock(folder), tempfile.TemporaryDirectory(prefix="labelloop-train-") as scratch:
         run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
         run_dir = (Path(scratch) if options.dry_run else folder) / "runs" / run_id
-        data = source.collect(settings, Path(scratch))
         served = find_served(settings)
-        model_classes = served.card.classes if served is not None else data.classes
+        served_classes = tuple(served.card.classes) if served is not None else ()
+        # Labels are mapped to the served model's classes, as the bridge maps them (core.labelmap).
+        data = source.collect(settings, Path(scratch), served_classes)
+        model_classes = served_classes or data.classes
         build_in = _dry_trainer_dir(folder, Path(scratch)) if options.dry_run else folder
         dataset = build_dataset(data.images, model_classes, build_in)
         logger.info("%s -> dataset %s", data.description, dataset.hash[:12])
@@ -249,7 +249,7 @@ def run_training(settings: Settings, source: Source, options: RunOptions) -> Run
             return report
         if options.if_needed and not report.decision.retrain_needed:
             logger.info("the served model meets the rules; not training")
-            history.append(_record(report, "evaluate"))
+            _record(history, report, "evaluate")
             return report
 
         base = served.weights if served is not None else None
@@ -296,7 +296,7 @@ def run_training(settings: Settings, source: Source, options: RunOptions) -> Run
             report.error = str(exc)
             raise
         finally:
-            history.append(_record(report, "train"))
+            _record(history, report, "train")
             (run_dir / "report.json").parent.mkdir(parents=True, exist_ok=True)
             (run_dir / "report.json").write_text(json.dumps(report.to_json(), indent=2), encoding="utf-8")
         return report

@@ -5,8 +5,12 @@
 - Deploy when the candidate's mAP50 beats the served one's by more than ``deploy_margin_map50``
   (0.02). With nothing served, any candidate is deployed.
 
-Differences are rounded to 1e-9 before comparing, so a value exactly on a threshold is decided by
-the rule as written (strict ``<`` / ``>``), not by float noise.
+mAP50 values are floats, so a difference that is exactly a threshold in decimals is not one in
+floats (``0.72 - 0.70`` is ``0.020000000000000018``, ``0.77 - 0.80`` is ``-0.030000000000000027``).
+Every difference is therefore rounded to 9 decimals before it is compared: a value within float
+noise (under 5e-10) of a threshold counts as ON it, and the rule as written decides (strict ``<``
+/ ``>``: on the threshold never re-trains and never deploys). Any real difference, 1e-9 and up,
+counts as it is.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class Decision:
 
 
 def _diff(a: float, b: float) -> float:
+    """``a - b`` without float noise (see the module docstring)."""
     return round(a - b, _NDIGITS)
 
 

@@ -2,15 +2,18 @@
 
 Both give :class:`SourceData`: local image files with boxes by class name, and the source's own
 class order (used only when no model is served yet). The API path reads the project's tasks with
-their annotations, and downloads images with the bridge's :class:`core.fetch.ImageFetcher`
-(uploads, local files, presigned cloud URLs, allowed http(s) hosts; same limits and credentials).
+their annotations and its label config, whose labels it maps to the served model's classes as the
+bridge does (:mod:`core.labelmap`), and downloads images with the bridge's
+:class:`core.fetch.ImageFetcher` (uploads, local files, presigned cloud URLs, allowed http(s)
+hosts; same limits and credentials). An export maps its class names the same way when it is
+given the project's label config, and uses them as they are otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,7 +23,7 @@ import httpx
 from core.errors import ConfigError, DatasetError, FetchError, LabelStudioError
 from core.fetch import ImageFetcher, make_auth
 from core.settings import Settings
-from trainer.dataset import LabelledImage, TaskLabels, labels_from_tasks, read_yolo_export
+from trainer.dataset import LabelledImage, TaskLabels, labels_from_tasks, map_export_labels, read_yolo_export
 
 __all__ = ["ExportSource", "ProjectSource", "Source", "SourceData"]
 
@@ -42,18 +45,30 @@ class SourceData:
 class Source(Protocol):
     """Something that can produce annotated images into a scratch folder."""
 
-    def collect(self, settings: Settings, work_dir: Path) -> SourceData: ...
+    def collect(self, settings: Settings, work_dir: Path, model_classes: Sequence[str] = ()) -> SourceData:
+        """Annotated images under ``work_dir``, boxes named by ``model_classes`` (the served model's) where known."""
+        ...
 
 
 @dataclass(frozen=True)
 class ExportSource:
-    """A Label Studio YOLO export (zip or folder) and the folder holding its images."""
+    """A Label Studio YOLO export (zip or folder), the folder holding its images, and the project's label config.
+
+    Without ``label_config`` (a file holding the project's XML) the export's class names are used as they are.
+    """
 
     export: Path
     images: Path | None = None
+    label_config: Path | None = None
 
-    def collect(self, settings: Settings, work_dir: Path) -> SourceData:
+    def collect(self, settings: Settings, work_dir: Path, model_classes: Sequence[str] = ()) -> SourceData:
         export = read_yolo_export(self.export, self.images, work_dir)
+        if self.label_config is not None:
+            try:
+                config = self.label_config.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(f"cannot read the label config {self.label_config}: {exc}") from exc
+            export = map_export_labels(export, config, model_classes)
         return SourceData(export.images, export.classes, f"export {self.export}")
 
 
@@ -63,18 +78,18 @@ class ProjectSource:
 
     project_id: int
 
-    def collect(self, settings: Settings, work_dir: Path) -> SourceData:
+    def collect(self, settings: Settings, work_dir: Path, model_classes: Sequence[str] = ()) -> SourceData:
         if not settings.label_studio_url or settings.label_studio_api_key is None:
             raise ConfigError("training from a project needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
-        return asyncio.run(self._collect(settings, work_dir))
+        return asyncio.run(self._collect(settings, work_dir, model_classes))
 
-    async def _collect(self, settings: Settings, work_dir: Path) -> SourceData:
+    async def _collect(self, settings: Settings, work_dir: Path, model_classes: Sequence[str]) -> SourceData:
         auth = make_auth(settings)
         base = str(settings.label_studio_url).rstrip("/")
         async with httpx.AsyncClient(base_url=base, auth=auth, timeout=_API_TIMEOUT_S, trust_env=False) as client:
             project = await _get(client, f"/api/projects/{self.project_id}/")
             tasks = await _annotated_tasks(client, self.project_id)
-        found, order = labels_from_tasks(tasks, str(project.get("label_config") or ""))
+        found, order = labels_from_tasks(tasks, str(project.get("label_config") or ""), model_classes)
         logger.info("project %d: %d tasks, %d with a usable annotation", self.project_id, len(tasks), len(found))
         if not found:
             raise DatasetError(f"project {self.project_id} has no completed, non-cancelled annotations")

@@ -23,10 +23,15 @@ __all__ = [
     "nms",
     "parse_onnx_metadata",
     "postprocess",
+    "top_candidates",
 ]
 
 PAD_VALUE = 114
 MAX_WH = 7680  # class offset for class-aware NMS, as ultralytics
+# Most candidates that enter NMS, the highest scores first (ultralytics' ``max_nms``): with the stop at
+# ``max_det`` kept boxes, NMS costs at most max_det x MAX_NMS box comparisons at any threshold.
+MAX_NMS = 30_000
+MAX_DET = 300
 
 
 @dataclass(frozen=True)
@@ -108,26 +113,63 @@ def network_input(padded: Sequence[np.ndarray]) -> np.ndarray:
     return np.stack(padded).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """Greedy NMS; drops boxes whose IoU with a kept one is above the threshold (torchvision rule)."""
-    x1, y1, x2, y2 = boxes.T
-    areas = (x2 - x1) * (y2 - y1)
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box of ``a`` with every box of ``b`` (xyxy), as torchvision computes it."""
+    iw = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    ih = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = iw * ih
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / (area_a[:, None] + area_b[None, :] - inter + 1e-9)
+
+
+def nms(
+    boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, max_det: int | None = None, block: int = 256
+) -> np.ndarray:
+    """Greedy NMS; drops boxes whose IoU with a kept one is above the threshold (torchvision rule).
+
+    Boxes are visited in score order, ``block`` at a time: each block is checked against the boxes
+    kept so far in one array operation, then against itself. With ``max_det`` it stops at that many
+    kept boxes, having looked only at the boxes up to the last one kept: at a threshold of 0 that is
+    about ``max_det`` boxes, not every anchor against every other (a full run's first ``max_det``).
+    """
     order = np.argsort(-scores, kind="stable")
+    ranked = boxes[order]
+    limit = len(order) if max_det is None else max_det
     keep: list[int] = []
-    while order.size:
-        i = int(order[0])
-        keep.append(i)
-        rest = order[1:]
-        iw = np.clip(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0, None)
-        ih = np.clip(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0, None)
-        inter = iw * ih
-        iou = inter / (areas[i] + areas[rest] - inter + 1e-9)
-        order = rest[iou <= iou_threshold]
-    return np.asarray(keep, dtype=np.int64)
+    for start in range(0, len(order), block):
+        chunk = ranked[start : start + block]
+        # The block's boxes that no kept box suppresses; then greedy among them, in score order.
+        rows = np.arange(start, start + len(chunk))
+        if keep:
+            rows = rows[(_iou(ranked[keep], chunk) <= iou_threshold).all(0)]
+        overlaps = _iou(ranked[rows], ranked[rows]) > iou_threshold
+        alive = np.ones(len(rows), bool)
+        for r in range(len(rows)):
+            if not alive[r]:
+                continue
+            keep.append(int(rows[r]))
+            if len(keep) == limit:
+                return order[np.asarray(keep, dtype=np.int64)]
+            alive[r + 1 :] &= ~overlaps[r, r + 1 :]
+    return order[np.asarray(keep, dtype=np.int64)]
 
 
-def postprocess(pred: np.ndarray, box: Letterbox, conf: float, iou: float, max_det: int = 300) -> np.ndarray:
-    """Raw ``[4+nc, anchors]`` head output to ``[N, 6]`` (x1, y1, x2, y2, score, class) in original pixels."""
+def top_candidates(score: np.ndarray, max_nms: int = MAX_NMS) -> np.ndarray:
+    """Indices of the ``max_nms`` highest scores (all when fewer), as ultralytics caps NMS's input."""
+    if len(score) <= max_nms:
+        return np.arange(len(score))
+    return np.argpartition(-score, max_nms - 1)[:max_nms]
+
+
+def postprocess(
+    pred: np.ndarray, box: Letterbox, conf: float, iou: float, max_det: int = MAX_DET, max_nms: int = MAX_NMS
+) -> np.ndarray:
+    """Raw ``[4+nc, anchors]`` head output to ``[N, 6]`` (x1, y1, x2, y2, score, class) in original pixels.
+
+    Bounded at any ``conf`` (0 included): at most ``max_nms`` candidates enter NMS, which stops at
+    ``max_det`` kept boxes.
+    """
     x = pred.T
     cls_scores = x[:, 4:]
     cls = cls_scores.argmax(1)
@@ -136,10 +178,12 @@ def postprocess(pred: np.ndarray, box: Letterbox, conf: float, iou: float, max_d
     if not keep.any():
         return np.zeros((0, 6), np.float32)
     xywh, score, cls = x[keep, :4], score[keep], cls[keep]
+    top = top_candidates(score, max_nms)
+    xywh, score, cls = xywh[top], score[top], cls[top]
     xyxy = np.empty_like(xywh)
     xyxy[:, :2] = xywh[:, :2] - xywh[:, 2:] / 2
     xyxy[:, 2:] = xywh[:, :2] + xywh[:, 2:] / 2
-    idx = nms(xyxy + (cls * MAX_WH)[:, None], score, iou)[:max_det]
+    idx = nms(xyxy + (cls * MAX_WH)[:, None], score, iou, max_det)
     xyxy, score, cls = xyxy[idx], score[idx], cls[idx]
     # Undo the letterbox per axis, from the rounded resized size (ultralytics ``scale_boxes``).
     gx, gy = box.new_w / box.orig_w, box.new_h / box.orig_h

@@ -15,7 +15,12 @@ One file, four roles, chosen by the config parameter ``stage``:
 
 Request parameters ``score_threshold`` and ``iou_threshold`` override the config defaults.
 Images from all requests of a dynamic batch run through onnxruntime together (per network shape);
-an image that cannot be decoded fails only its own request.
+a request with an image that cannot be decoded or a parameter that is not valid fails alone: the
+other requests of its batch are answered.
+
+JPEGs are decoded in full (the pixels the trainer and ultralytics see) unless the config parameter
+``fast_jpeg_decode`` is ``true``: then large ones are decoded at a reduced DCT scale (faster; scores
+move a little, see ``labelloop bench``).
 
 Threads on a CPU: a batch that runs while no other instance of this server executes uses
 ``intra_op_threads`` (all cores: lowest latency for a lone request); while other instances execute,
@@ -68,6 +73,22 @@ def _session_options(ort: Any, threads: int) -> Any:
     return options
 
 
+class RequestRejected(ValueError):
+    """A request parameter is not valid (maps to an error for that request only)."""
+
+
+def _threshold(params: dict, key: str, default: float) -> float:
+    """A request's threshold parameter as a float, or the config's default when it sends none."""
+    value = params.get(key, default)
+    # Triton sends typed parameters (string, int, bool, double); a bool is no threshold.
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise RequestRejected(f"{key} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except ValueError:
+        raise RequestRejected(f"{key} must be a number, got {value!r}") from None
+
+
 def _error(message: str) -> object:
     return pb_utils.InferenceResponse(
         output_tensors=[], error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
@@ -114,6 +135,7 @@ class TritonPythonModel:
         self.conf = float(_param(config, "score_threshold", "0.25"))
         self.iou = float(_param(config, "iou_threshold", "0.7"))
         self.max_det = int(_param(config, "max_det", "300"))
+        self.fast_jpeg = _param(config, "fast_jpeg_decode", "false") == "true"
         self.provider = "n/a"
         self.stride: int | None = None
         if self.stage in ("full", "infer"):
@@ -177,16 +199,25 @@ class TritonPythonModel:
         for request in requests:
             try:
                 responses.append(handler[self.stage](request))
-            except ImageRejected as exc:
+            except (ImageRejected, RequestRejected) as exc:
                 responses.append(_error(str(exc)))
         return responses
 
     def _thresholds(self, request) -> tuple[float, float]:
-        params = json.loads(request.parameters() or "{}")
-        conf = float(params.get("score_threshold", self.conf))
-        iou = float(params.get("iou_threshold", self.iou))
-        if not (0.0 <= conf <= 1.0 and 0.0 < iou <= 1.0):
-            raise ImageRejected(f"score_threshold {conf} / iou_threshold {iou} out of range")
+        """The request's score and IoU thresholds, checked: a bad one rejects this request only."""
+        try:
+            params = json.loads(request.parameters() or "{}")
+        except ValueError as exc:
+            raise RequestRejected(f"request parameters are not JSON: {exc}") from exc
+        if not isinstance(params, dict):
+            raise RequestRejected("request parameters are not a mapping")
+        conf = _threshold(params, "score_threshold", self.conf)
+        iou = _threshold(params, "iou_threshold", self.iou)
+        # ``not (a <= x <= b)`` also refuses NaN.
+        if not (0.0 <= conf <= 1.0):
+            raise RequestRejected(f"score_threshold {conf} out of range [0, 1]")
+        if not (0.0 < iou <= 1.0):
+            raise RequestRejected(f"iou_threshold {iou} out of range (0, 1]")
         return conf, iou
 
     def _decode(self, request) -> tuple[list[np.ndarray], list[Letterbox], np.ndarray]:
@@ -198,7 +229,8 @@ class TritonPythonModel:
         for k, blob in enumerate(blobs):
             started = time.perf_counter()
             try:
-                img = decode_image(bytes(blob), self.max_bytes, self.max_pixels, target=self.imgsz)
+                target = self.imgsz if self.fast_jpeg else None
+                img = decode_image(bytes(blob), self.max_bytes, self.max_pixels, target=target)
             except ImageRejected as exc:
                 raise ImageRejected(f"image {k}: {exc}" if len(blobs) > 1 else str(exc)) from exc
             decoded = time.perf_counter()
@@ -236,8 +268,9 @@ class TritonPythonModel:
         prepared: list = []
         for request in requests:
             try:
-                prepared.append((*self._decode(request), *self._thresholds(request)))
-            except ImageRejected as exc:
+                thresholds = self._thresholds(request)  # before the decode: a bad request costs nothing
+                prepared.append((*self._decode(request), *thresholds))
+            except (ImageRejected, RequestRejected) as exc:
                 prepared.append(exc)
         pixels = [image for item in prepared if not isinstance(item, Exception) for image in item[0]]
         raw, run_clock = self._run(pixels, alone) if pixels else ([], np.zeros((0, 2)))

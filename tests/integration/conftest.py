@@ -15,6 +15,7 @@ import httpx
 import pytest
 import uvicorn
 
+from core.credentials import bridge_credentials
 from core.settings import Settings
 from labelloop.bench_rig import LoopbackHTTPServer
 from ls_bridge.app import create_app
@@ -48,12 +49,18 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStud
 
 
 class BridgeServer:
-    """``create_app(settings)`` served by uvicorn in a thread on a free loopback port."""
+    """``create_app(settings)`` served by uvicorn in a thread on a free loopback port.
+
+    ``auth`` is the basic-auth pair the bridge checks (None with ``bridge_auth="none"``); ``client()``
+    sends it unless told otherwise.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.port = free_port()
         self.app = create_app(settings)
+        pair = bridge_credentials(settings) if settings.bridge_auth == "basic" else None
+        self.auth = (pair.user, pair.password.get_secret_value()) if pair else None
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_config=None, lifespan="on")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name=f"bridge-{self.port}", daemon=True)
@@ -74,8 +81,9 @@ class BridgeServer:
         self._server.should_exit = True
         self._thread.join(timeout=30)
 
-    def client(self, **kwargs: object) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=120.0, trust_env=False, **kwargs)  # type: ignore[arg-type]
+    def client(self, **kwargs: Any) -> httpx.Client:
+        kwargs.setdefault("auth", self.auth)
+        return httpx.Client(base_url=self.url, timeout=120.0, trust_env=False, **kwargs)
 
 
 @pytest.fixture

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -14,6 +16,8 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from core.credentials import credentials_path
+from core.settings import Settings
 from labelloop.cli import app
 from tests.conftest import TritonHandle, free_port
 
@@ -25,6 +29,7 @@ def test_bridge_serves_on_loopback_until_sigterm(triton_server: TritonHandle, tm
     env = dict(os.environ, LABELLOOP_STATE_DIR=str(tmp_path / "state"))
     command = [sys.executable, "-m", "labelloop", "bridge", "--port", str(port), "--triton-url", triton_server.url]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    stored = credentials_path(Settings(state_dir=tmp_path / "state"))
     try:
         deadline = time.monotonic() + 60
         health = None
@@ -34,7 +39,12 @@ def test_bridge_serves_on_loopback_until_sigterm(triton_server: TritonHandle, tm
                 break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        assert health is not None and health.json()["model_version"] == "defect_detector@v1"
+        assert health is not None and health.status_code == 401  # auth is on by default
+        pair = json.loads(stored.read_text())
+        assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+        auth = (pair["user"], pair["password"])
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2.0, trust_env=False, auth=auth)
+        assert health.json()["model_version"] == "defect_detector@v1"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
@@ -44,6 +54,8 @@ def test_bridge_serves_on_loopback_until_sigterm(triton_server: TritonHandle, tm
     assert proc.stdout is not None
     output = proc.stdout.read()
     assert "bridge ready: defect_detector@v1" in output
+    assert f"basic auth on: user and password in {stored}" in output
+    assert pair["password"] not in output
     assert f"Uvicorn running on http://127.0.0.1:{port}" in output
 
 

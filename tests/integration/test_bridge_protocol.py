@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -53,7 +54,7 @@ def image_server(image_dir: Path) -> Iterator[ImageServer]:
 
 
 def _settings(triton: TritonHandle, image_server: ImageServer, tmp_path: Path, **extra: Any) -> Settings:
-    update = {"allowed_hosts": [image_server.host], "state_dir": tmp_path / "state", **extra}
+    update = {"allowed_origins": [f"http://{image_server.host}"], "state_dir": tmp_path / "state", **extra}
     return triton.settings.model_copy(update=update)
 
 
@@ -71,7 +72,8 @@ def _task(task_id: int, url: str) -> dict[str, Any]:
 def _predict(bridge: BridgeServer, tasks: list[dict[str, Any]], config: str = SEED_CONFIG) -> httpx.Response:
     body = {"tasks": tasks, "project": "1.1700000000", "label_config": config, "params": {"context": None}}
     with bridge.client() as client:
-        return client.post("/predict", json=body)
+        # ASCII-escaped, as Label Studio (requests' json=) sends it: a lone surrogate travels as \udcff.
+        return client.post("/predict", content=json.dumps(body), headers={"content-type": "application/json"})
 
 
 def _direct(triton: TritonHandle, blobs: list[bytes]) -> list[ImageDetections]:
@@ -119,6 +121,15 @@ def test_without_triton_health_is_down_and_errors_are_clean(
     assert setup.json()["error"] == "TritonUnavailableError" and "Traceback" not in setup.text
     predict = _predict(bridge, [_task(1, image_server.url("broken.png"))])
     assert predict.status_code == 503 and predict.json()["error"] == "TritonUnavailableError"
+
+
+@pytest.mark.parametrize("extra_params", ["", "  ", '{"threshold": 0.4}', None, {"threshold": 0.4}])
+def test_setup_accepts_extra_params_as_label_studio_sends_them(bridge: BridgeServer, extra_params: Any) -> None:
+    """The Connect Model form sends its "Extra params" textarea as text (empty or JSON); the API null or an object."""
+    body = {"project": "1.1700000000", "schema": SEED_CONFIG, "extra_params": extra_params}
+    with bridge.client() as client:
+        response = client.post("/setup", json=body)
+    assert response.status_code == 200 and response.json() == {"model_version": VERSION}, response.text
 
 
 def test_setup_answers_the_model_version_and_refuses_configs_with_nothing_to_predict(bridge: BridgeServer) -> None:
@@ -257,6 +268,41 @@ def test_failed_tasks_answer_empty_and_the_batch_goes_on(
     assert 'labelloop_bridge_errors_total{error="ImageError",where="task"} 1' in metrics
 
 
+def test_a_malformed_task_url_fails_only_its_task(
+    bridge: BridgeServer,
+    triton_server: TritonHandle,
+    image_server: ImageServer,
+    image_dir: Path,
+    images: list[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """ValueError / InvalidURL / UnicodeEncodeError from URL handling become that task's FetchError."""
+    host = image_server.host
+    bad = {
+        2: ("http://[::1/a.png", "ValueError"),
+        3: (f"http://{host}/\x00{images[1]}", "InvalidURL"),
+        4: (f"http://{host}/\udcff.png", "UnicodeEncodeError"),
+        5: (f"http://{host.split(':')[0]}:99x/{images[1]}", "InvalidURL"),
+    }
+    tasks = [
+        _task(1, image_server.url(images[0])),
+        *(_task(task_id, url) for task_id, (url, _) in bad.items()),
+        _task(6, image_server.url(images[2])),
+    ]
+    with caplog.at_level(logging.WARNING, logger="ls_bridge"):
+        response = _predict(bridge, tasks)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["result"] for r in results[1:5]] == [[], [], [], []]
+    good = _direct(triton_server, [(image_dir / images[0]).read_bytes(), (image_dir / images[2]).read_bytes()])
+    assert_same_boxes(results[0]["result"], good[0])
+    assert_same_boxes(results[5]["result"], good[1])
+    warnings = [r.getMessage() for r in caplog.records if r.name == "ls_bridge.predictor"]
+    for task_id, (_, error) in bad.items():
+        (line,) = [w for w in warnings if w.startswith(f"task {task_id}: no pre-labels (FetchError: ")]
+        assert f"malformed URL ({error}" in line, line
+
+
 def test_metrics_count_requests_and_time_each_stage(
     bridge: BridgeServer, image_server: ImageServer, images: list[str]
 ) -> None:
@@ -286,6 +332,10 @@ def test_webhook_events_are_stored_for_the_trainer(bridge: BridgeServer) -> None
         no_action = client.post("/webhook", json={"project": 3})
     assert created.status_code == 201 and created.json() == {"status": "ok", "id": 1}
     assert no_action.status_code == 422
+    assert no_action.json() == {
+        "detail": "not a Label Studio webhook event: action: Field required",
+        "error": "RequestValidationError",
+    }
     (stored,) = EventStore.for_settings(bridge.settings).since(0)
     assert (stored.action, stored.project_id, stored.task_id, stored.payload) == ("ANNOTATION_CREATED", 3, 17, event)
 
@@ -297,13 +347,16 @@ def test_basic_auth_guards_every_route(
         triton_server, image_server, tmp_path, basic_auth_user="ls", basic_auth_pass=SecretStr("s3cret")
     )
     bridge = bridge_factory(settings)
-    with bridge.client() as client:
+    with bridge.client(auth=None) as client:
         for method, path in [
             ("GET", "/health"),
             ("POST", "/setup"),
             ("POST", "/predict"),
             ("POST", "/webhook"),
             ("GET", "/metrics"),
+            ("GET", "/docs"),
+            ("GET", "/redoc"),
+            ("GET", "/openapi.json"),
         ]:
             anonymous = client.request(method, path, json={})
             assert anonymous.status_code == 401, path
@@ -313,6 +366,7 @@ def test_basic_auth_guards_every_route(
         assert client.get("/health", auth=("ls", "s3cret")).json()["status"] == "UP"
         header = "Basic " + base64.b64encode(b"ls:s3cret").decode()
         assert client.get("/metrics", headers={"Authorization": header}).status_code == 200
+        assert client.get("/docs", headers={"Authorization": header}).status_code == 200
 
 
 def test_predict_500_tasks_within_label_studios_timeout(

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
+import psutil
 import pytest
 from typer.testing import CliRunner
 
@@ -49,9 +51,20 @@ def test_serve_runs_until_sigterm_and_logs_to_a_file(model_repo: Path, tmp_path:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line.startswith("ready: defect_detector v1 (dentado, concave, perforation"), line
-        # Bound to loopback only.
+        # gRPC and metrics on loopback only; the HTTP endpoint stays closed unless --http asks for it.
         with socket.socket() as sock:
             assert sock.connect_ex(("127.0.0.1", grpc)) == 0
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", http)) != 0
+        assert "nv_inference_count" in httpx.get(f"http://127.0.0.1:{metrics}/metrics", trust_env=False).text
+        listening = {
+            (conn.laddr.ip, conn.laddr.port)
+            for child in psutil.Process(proc.pid).children(recursive=True)
+            for conn in child.net_connections(kind="inet")
+            if conn.status == psutil.CONN_LISTEN
+        }
+        assert {port for _, port in listening} == {grpc, metrics}
+        assert {ip.removeprefix("::ffff:") for ip, _ in listening} == {"127.0.0.1"}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:

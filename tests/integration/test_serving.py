@@ -57,6 +57,27 @@ def _unseen_images(out: Path, n: int = 12) -> list[Path]:
     return paths
 
 
+# At least twice the model's size (imgsz 320): where a reduced-DCT decode would kick in.
+LARGE_JPEGS = ((800, 600), (1600, 1200), (2000, 1500))
+
+
+def _large_jpegs(out: Path) -> list[Path]:
+    """Camera-sized JPEGs, one stored rotated with EXIF orientation 6, the model never saw."""
+    from trainer.synthetic import render_sample
+
+    rng = np.random.default_rng(2024)
+    paths = []
+    for width, height in LARGE_JPEGS:
+        path = out / f"large_{width}x{height}.jpg"
+        render_sample(rng, width, height).image.save(path, quality=90)
+        paths.append(path)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = out / "large_exif.jpg"
+    render_sample(rng, 1600, 1200).image.transpose(Image.Transpose.ROTATE_90).save(path, quality=90, exif=exif)
+    return [*paths, path]
+
+
 def _display_bgr(path: Path) -> np.ndarray:
     """What a person sees, as the BGR array ultralytics expects."""
     with Image.open(path) as im:
@@ -75,7 +96,8 @@ def _iou(a: dict[str, float], b: tuple[float, ...]) -> float:
 def test_detect_matches_ultralytics_on_unseen_images(triton_server: TritonHandle, tmp_path: Path) -> None:
     from ultralytics import YOLO
 
-    images = _unseen_images(tmp_path)
+    large = _large_jpegs(tmp_path)
+    images = _unseen_images(tmp_path) + large
     result = CliRunner().invoke(
         app, ["detect", *map(str, images), "--triton-url", triton_server.url, "--json", "--conf", str(CONF)]
     )
@@ -83,7 +105,7 @@ def test_detect_matches_ultralytics_on_unseen_images(triton_server: TritonHandle
     rows = json.loads(result.stdout)
     onnx = ModelRepository(triton_server.settings.model_repository).onnx_path("defect_detector", 1)
     reference = YOLO(str(onnx), task="detect")
-    compared = 0
+    compared = compared_large = 0
     for path, row in zip(images, rows, strict=True):
         assert row["image"] == str(path) and row["model_version"] == 1
         display = _display_bgr(path)
@@ -103,7 +125,10 @@ def test_detect_matches_ultralytics_on_unseen_images(triton_server: TritonHandle
             assert match, f"{path.name}: ultralytics {label} {score:.3f} at {(x1, y1, x2, y2)} missing in {ours}"
             assert abs(match[0]["score"] - score) <= 1e-3
             compared += 1
+            compared_large += path in large
     assert compared >= 5, "too few detections to prove parity: the test model is too weak"
+    # Large JPEGs are decoded in full by default: the pixels ultralytics (and the trainer) see.
+    assert compared_large >= 3, "too few detections on the large JPEGs to prove their parity"
 
 
 def _png(size: tuple[int, int], mode: str = "RGB") -> bytes:
@@ -129,6 +154,72 @@ def test_bad_images_fail_alone(triton_server: TritonHandle, demo_dataset: Path) 
     assert isinstance(results[2], ImageError) and "decode" in str(results[2])
     assert isinstance(results[3], ImageError) and "pixels" in str(results[3])
     assert isinstance(results[4], ImageError)
+
+
+def _exec_count(metrics_port: int) -> float:
+    """How many times Triton ran the detector's execute() so far (its own metrics)."""
+    import httpx
+
+    from labelloop.bench import metric_sum, parse_metrics
+
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", trust_env=False).text
+    return metric_sum(parse_metrics(text), "nv_inference_exec_count", model="defect_detector")
+
+
+def test_a_bad_request_fails_alone_in_its_dynamic_batch(model_repo: Path, tmp_path: Path, demo_dataset: Path) -> None:
+    """Requests queued together (a 1 s batch delay) run in one execute(); bad parameters fail only their own."""
+    import tritonclient.grpc.aio as grpcaio
+    from tritonclient.utils import InferenceServerException
+
+    from tests.conftest import make_settings, start_triton
+
+    repo = tmp_path / "model_repository"
+    shutil.copytree(model_repo, repo)
+    slow_batches = replace(
+        detector_config(make_settings(repo, tmp_path / "state")), batch_delay_us=1_000_000, instance_count=1
+    )
+    ModelRepository(repo).write_config(slow_batches)
+    image = next((demo_dataset.parent / "images" / "val").glob("*.jpg")).read_bytes()
+    bad: list[dict[str, object]] = [
+        {"score_threshold": 5.0},
+        {"score_threshold": "high"},
+        {"iou_threshold": True},
+        {"iou_threshold": 0.0},
+    ]
+    requests: list[dict[str, object] | None] = [None, bad[0], None, bad[1], bad[2], None, bad[3]]
+
+    async def infer(client: grpcaio.InferenceServerClient, params: dict[str, object] | None) -> object:
+        tensor = grpcaio.InferInput("IMAGE", [1, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[image]], dtype=np.object_))
+        try:
+            result = await client.infer("defect_detector", [tensor], parameters=params)
+        except InferenceServerException as exc:
+            return exc
+        return int(result.as_numpy("NUM_DETECTIONS")[0, 0])
+
+    async def run(url: str) -> list[object]:
+        client = grpcaio.InferenceServerClient(url)
+        try:
+            return list(await asyncio.gather(*(infer(client, params) for params in requests)))
+        finally:
+            await client.close()
+
+    handle = start_triton(repo, tmp_path / "state")
+    try:
+        before = _exec_count(handle.process.ports["metrics"])
+        answers = asyncio.run(run(handle.url))
+        ran = _exec_count(handle.process.ports["metrics"]) - before
+    finally:
+        handle.process.stop()
+    assert ran == 1, f"the {len(requests)} requests ran in {ran} executions, not one shared batch"
+    good = [a for a, params in zip(answers, requests, strict=True) if params is None]
+    assert all(isinstance(a, int) for a in good) and len(set(good)) == 1, answers
+    errors = [str(a) for a, params in zip(answers, requests, strict=True) if params is not None]
+    assert all(isinstance(a, InferenceServerException) for a, p in zip(answers, requests, strict=True) if p), answers
+    assert "score_threshold 5.0 out of range" in errors[0]
+    assert "score_threshold must be a number" in errors[1]
+    assert "iou_threshold must be a number" in errors[2]
+    assert "iou_threshold 0.0 out of range" in errors[3]
 
 
 def test_the_model_times_its_own_stages_when_asked(triton_server: TritonHandle, demo_dataset: Path) -> None:

@@ -1,12 +1,18 @@
-"""`labelloop up` / `status` / `down` as a newcomer runs them, checked in a real browser."""
+"""`labelloop up` / `status` / `down` as a newcomer runs them, checked in a real browser.
+
+The stack runs with its defaults: the bridge asks for basic auth, Label Studio's model connection
+and webhook carry the generated pair, and the trainer watcher trains when Label Studio says so.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +21,9 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import ROOT, free_port
+from core.events import EventStore
+from core.settings import Settings
+from tests.conftest import ROOT, TEST_IMGSZ, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton, pytest.mark.label_studio]
 
@@ -62,6 +70,20 @@ class Stack:
     def credentials(self) -> dict[str, str]:
         return json.loads((self.state / "label_studio" / "credentials.json").read_text())  # type: ignore[no-any-return]
 
+    def bridge_auth(self) -> tuple[str, str]:
+        stored = json.loads((self.state / "bridge-auth.json").read_text())
+        return stored["user"], stored["password"]
+
+    def studio(self) -> httpx.Client:
+        state = self.status()
+        token = self.credentials()["token"]
+        return httpx.Client(
+            base_url=str(state["label_studio"]["url"]),
+            headers={"Authorization": f"Token {token}"},
+            timeout=120,
+            trust_env=False,
+        )
+
 
 @pytest.fixture(scope="module")
 def stack(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
@@ -78,6 +100,12 @@ def stack(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "LABELLOOP_METRICS_PORT": str(free_port()),
         "LABELLOOP_BRIDGE_PORT": str(free_port()),
         "LABELLOOP_LABEL_STUDIO_PORT": str(free_port()),
+        # A tiny run when Label Studio asks for training; annotations alone never reach the threshold here.
+        "LABELLOOP_EPOCHS": "1",
+        "LABELLOOP_IMGSZ": str(TEST_IMGSZ),
+        "LABELLOOP_BATCH": "8",
+        "LABELLOOP_DEVICE": "cpu",
+        "LABELLOOP_TRAIN_EVERY_ANNOTATIONS": "1000",
     }
     first = subprocess.run(
         [sys.executable, "-m", "labelloop", "up"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900
@@ -100,10 +128,48 @@ def test_up_starts_everything_on_loopback_and_connects_the_project(stack: Stack)
     assert str(state["bridge"]["url"]).startswith("http://127.0.0.1:")
     assert isinstance(state["label_studio"]["project_id"], int)
     assert state["label_studio"]["ml_backend_connected"] is True
+    assert state["trainer"]["watching"] is True and state["trainer"]["last_run"] is None
+    # Every listening socket of every daemon and its children (tritonserver, its stubs) is on loopback;
+    # Triton's HTTP endpoint is closed.
+    listening = set()
     for pid in stack.pids().values():
-        for conn in psutil.Process(pid).net_connections(kind="inet"):
-            if conn.status == psutil.CONN_LISTEN:
-                assert conn.laddr.ip == "127.0.0.1", conn
+        parent = psutil.Process(pid)
+        for proc in (parent, *parent.children(recursive=True)):
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    listening.add((conn.laddr.ip.removeprefix("::ffff:"), conn.laddr.port))
+    assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening
+    assert int(stack.env["LABELLOOP_HTTP_PORT"]) not in {port for _, port in listening}
+    assert int(stack.env["LABELLOOP_METRICS_PORT"]) in {port for _, port in listening}
+
+
+def test_the_bridge_asks_for_the_credentials_up_generated(stack: Stack) -> None:
+    state = stack.status()
+    assert state["bridge"]["auth"] == "basic"
+    auth_file = stack.state / "bridge-auth.json"
+    assert stat.S_IMODE(auth_file.stat().st_mode) == 0o600
+    user, password = stack.bridge_auth()
+    url = str(state["bridge"]["url"])
+    with httpx.Client(base_url=url, trust_env=False, timeout=10) as client:
+        for path in ("/health", "/docs", "/openapi.json"):
+            assert client.get(path).status_code == 401, path
+            assert client.get(path, auth=(user, "wrong")).status_code == 401, path
+        assert client.get("/health", auth=(user, password)).json()["status"] == "UP"
+    # The password is on no command line and in no log.
+    for pid in stack.pids().values():
+        parent = psutil.Process(pid)
+        for proc in (parent, *parent.children(recursive=True)):
+            assert password not in " ".join(proc.cmdline())
+    assert all(password not in log.read_text(errors="replace") for log in (stack.state / "logs").glob("*.log"))
+    assert password not in stack.up_output
+    # Label Studio connects with the pair, and its webhook to the bridge carries it.
+    project = state["label_studio"]["project_id"]
+    with stack.studio() as api:
+        (backend,) = api.get("/api/ml/", params={"project": project}).json()
+        assert backend["auth_method"] == "BASIC_AUTH" and backend["basic_auth_user"] == user
+        (hook,) = api.get("/api/webhooks/", params={"project": project}).json()
+        assert hook["url"] == f"{url}/webhook"
+        assert hook["headers"]["Authorization"].startswith("Basic ")
 
 
 def test_second_up_reuses_everything(stack: Stack) -> None:
@@ -166,10 +232,51 @@ def test_browser_shows_prelabels_as_regions(stack: Stack, demo_dataset: Path) ->
             browser.close()
 
 
+def test_start_training_in_label_studio_trains_and_status_shows_the_decision(stack: Stack, demo_dataset: Path) -> None:
+    state = stack.status()
+    project = state["label_studio"]["project_id"]
+    images = sorted((demo_dataset.parent / "images" / "val").glob("*.jpg"))[3:13]
+    with stack.studio() as api:
+        files = {f"file{i}": (p.name, p.read_bytes()) for i, p in enumerate(images)}
+        api.post(f"/api/projects/{project}/import", files=files).raise_for_status()
+        api.post(
+            "/api/dm/actions",
+            params={"id": "retrieve_tasks_predictions", "project": project},
+            json={"selectedItems": {"all": True, "excluded": []}},
+        ).raise_for_status()
+        tasks = api.get("/api/tasks/", params={"project": project, "fields": "all"}).json()["tasks"]
+        for task in tasks:  # the annotator accepts the pre-labels as they are
+            result = task["predictions"][0]["result"] if task["predictions"] else []
+            api.post(f"/api/tasks/{task['id']}/annotations/", json={"result": result}).raise_for_status()
+        # Label Studio's webhook reached the bridge through basic auth: every annotation is stored.
+        store = EventStore.for_settings(Settings(state_dir=stack.state))
+        annotated = {e.task_id for e in store.since(0, actions={"ANNOTATION_CREATED"})}
+        assert annotated == {t["id"] for t in tasks}
+        (backend,) = api.get("/api/ml/", params={"project": project}).json()
+        api.post(f"/api/ml/{backend['id']}/train").raise_for_status()
+        assert api.get(f"/api/ml/{backend['id']}").json()["readable_state"] != "Error"
+    assert [e.project_id for e in store.since(0, actions={"START_TRAINING"})] == [project]
+
+    deadline = time.monotonic() + 600
+    while (run := stack.status()["trainer"]["last_run"]) is None:
+        assert time.monotonic() < deadline, (stack.state / "logs" / "trainer.log").read_text()[-3000:]
+        time.sleep(5)
+    assert isinstance(run, dict)
+    assert run["kind"] == "train" and run["error"] is None, run
+    assert run["served_version"] == 1 and isinstance(run["candidate_map50"], float)
+    assert isinstance(run["deploy"], bool) and run["reasons"]
+    text = stack.run("status")
+    assert text.returncode == 0, text.stderr
+    last = text.stdout.split("last run", 1)[1]
+    assert str(run["run_id"]) in last
+    assert ("deployed: published v2" if run["deploy"] else "not deployed: v1 stays served") in last
+    assert str(run["reasons"][0]) in last
+
+
 def test_down_stops_what_up_started_and_only_that(stack: Stack) -> None:
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     pids = stack.pids()
-    assert set(pids) == {"triton", "bridge", "label-studio"}
+    assert set(pids) == {"triton", "bridge", "label-studio", "trainer"}
     result = stack.run("down")
     assert result.returncode == 0, result.stderr
     try:

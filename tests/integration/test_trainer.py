@@ -7,8 +7,8 @@ import hashlib
 import json
 import shutil
 import zipfile
-from collections.abc import Callable
-from dataclasses import astuple
+from collections.abc import Callable, Sequence
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +17,16 @@ from typer.testing import CliRunner
 
 from core.errors import InferenceError, PublishError
 from core.settings import Settings
+from ls_bridge.controls import plan_for_config
 from serving.client import DetectorClient, make_client
 from serving.publish import BuiltModel, build_model, publish_weights
 from serving.repository import ModelCard, ModelRepository, sha256_file
 from tests.conftest import TEST_IMGSZ, TritonHandle, free_port
 from trainer import cli, pipeline
+from trainer.dataset import LabelledImage, labels_from_tasks
 from trainer.history import History
 from trainer.publish import publish_candidate
+from trainer.source import SourceData
 from trainer.synthetic import CLASSES, write_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton]
@@ -330,3 +333,86 @@ def test_bootstrap_publishes_version_1_once(tmp_path: Path) -> None:
     assert card.classes == list(CLASSES) and card.parent_version is None and "map50" in card.metrics
     again = CliRunner().invoke(cli.app, argv, env=env)
     assert again.exit_code == 1 and "already has versions [1]" in again.output
+
+
+# The model's classes under other names: predicted_values, an alias (what results store), another case.
+MAPPED_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <RectangleLabels name="label" toName="image">
+    <Label value="Dent" predicted_values="dentado"/>
+    <Label value="Concavity" alias="C" predicted_values="concave"/>
+    <Label value="PERFORATION"/>
+  </RectangleLabels>
+</View>"""
+MAPPED_LABELS = {"dentado": "Dent", "concave": "C", "perforation": "PERFORATION"}
+
+
+@dataclass(frozen=True)
+class TaskSource:
+    """Label Studio tasks as its API returns them, images on disk: ProjectSource without the HTTP."""
+
+    tasks: tuple[dict[str, Any], ...]
+    label_config: str
+    files: dict[str, Path]
+
+    def collect(self, settings: Settings, work_dir: Path, model_classes: Sequence[str] = ()) -> SourceData:
+        found, order = labels_from_tasks(self.tasks, self.label_config, model_classes)
+        images = tuple(LabelledImage(self.files[t.image_url], t.boxes, f"task {t.task_id}") for t in found)
+        return SourceData(images, tuple(order), "tasks")
+
+
+def mapped_tasks(data_yaml: Path) -> TaskSource:
+    """One task per synthetic image, its ground truth annotated with the mapped config's labels."""
+    tasks, files = [], {}
+    for i, image in enumerate(sorted((data_yaml.parent / "images").rglob("*.*")), start=1):
+        url = f"/data/upload/1/{image.name}"
+        files[url] = image
+        label_file = data_yaml.parent / "labels" / image.parent.name / f"{image.stem}.txt"
+        result = []
+        for line in label_file.read_text().splitlines():
+            cls, xc, yc, w, h = (float(v) for v in line.split())
+            value = {"x": (xc - w / 2) * 100, "y": (yc - h / 2) * 100, "width": w * 100, "height": h * 100}
+            label = MAPPED_LABELS[CLASSES[int(cls)]]
+            result.append(
+                {
+                    "from_name": "label",
+                    "to_name": "image",
+                    "type": "rectanglelabels",
+                    "value": {**value, "rectanglelabels": [label]},
+                }
+            )
+        tasks.append({"id": i, "data": {"image": url}, "annotations": [{"id": i, "result": result}]})
+    return TaskSource(tuple(tasks), MAPPED_CONFIG, files)
+
+
+def test_a_mapped_label_config_trains_the_served_classes_and_is_served_with_its_labels(
+    private_triton: TritonHandle, tmp_path: Path
+) -> None:
+    """Annotations say Dent/C/PERFORATION; the model learns dentado/concave/perforation; the bridge writes Dent/C/..."""
+    source = mapped_tasks(write_dataset(tmp_path / "synthetic", n=40, seed=35))
+    # any candidate is deployed: this test is about names, not about quality
+    settings = private_triton.settings.model_copy(
+        update={"state_dir": tmp_path / "state", "deploy_margin_map50": -1.0, "device": "cpu", "batch": 8}
+    )
+    report = pipeline.run_training(settings, source, pipeline.RunOptions.from_settings(settings, epochs=1))
+
+    assert report.dataset.classes == CLASSES and report.dataset.new_classes == ()
+    boxes = {c: sum(s.boxes[c] for s in report.dataset.splits.values()) for c in CLASSES}
+    assert all(n > 0 for n in boxes.values()), boxes
+    assert report.served is not None and report.served.map50 > 0.6, "served classes scored on the mapped boxes"
+    assert report.published_version == 2 and served_version(settings) == 2
+    card = ModelRepository(settings.model_repository).card(settings.model_name, 2)
+    assert card.classes == list(CLASSES)
+
+    image = next(iter(source.files.values())).read_bytes()
+
+    async def detect() -> Any:
+        async with make_client(settings) as client:
+            return await client.detect(image, conf=0.01)
+
+    detections = asyncio.run(detect())
+    assert detections.model.version == 2
+    plan = plan_for_config(MAPPED_CONFIG, tuple(detections.model.classes), 0.01)
+    regions, _ = plan.format({"image": detections})
+    labels = {label for r in regions for label in r.value.rectanglelabels}
+    assert labels and labels <= set(MAPPED_LABELS.values()), labels

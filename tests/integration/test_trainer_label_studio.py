@@ -3,7 +3,9 @@
 People verify images in Label Studio (annotations made through its API, one skipped task with
 wrong boxes among them); ``labelloop train --project`` reads them with a Personal Access Token,
 trains, evaluates, publishes; Triton serves the new version; and the bridge's predictions that
-Label Studio stores next carry the new ``model_version``.
+Label Studio stores next carry the new ``model_version``. The project's labels are not the model's
+class names: ``predicted_values``, an alias and a different case map them, and training must use
+the bridge's map (issue 19 item 3) to keep the served model's classes.
 """
 
 from __future__ import annotations
@@ -31,17 +33,20 @@ from trainer.synthetic import CLASSES, write_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton, pytest.mark.label_studio]
 
-# Labels deliberately in neither the model's nor alphabetical order: only names may connect them.
+# Labels deliberately in neither the model's nor alphabetical order, and named otherwise: only the
+# label map (core.labelmap) connects them to the model's classes.
 CONFIG = """
 <View>
   <Image name="image" value="$image"/>
   <RectangleLabels name="label" toName="image">
-    <Label value="perforation"/>
-    <Label value="dentado"/>
-    <Label value="concave"/>
+    <Label value="Perforation hole" alias="P" predicted_values="perforation"/>
+    <Label value="Dent" predicted_values="dentado"/>
+    <Label value="CONCAVE"/>
   </RectangleLabels>
 </View>
 """
+# What Label Studio stores for each model class: the alias when the label has one.
+LABELS = {"perforation": "P", "dentado": "Dent", "concave": "CONCAVE"}
 
 
 def _regions(image: Path, label_file: Path) -> list[dict[str, Any]]:
@@ -67,7 +72,7 @@ def _regions(image: Path, label_file: Path) -> list[dict[str, Any]]:
                     "width": bw * 100,
                     "height": bh * 100,
                     "rotation": 0,
-                    "rectanglelabels": [CLASSES[int(cls)]],
+                    "rectanglelabels": [LABELS[CLASSES[int(cls)]]],
                 },
             }
         )
@@ -89,7 +94,12 @@ def test_train_from_a_label_studio_project_reaches_triton_and_label_studio(
     serve_a_weaker_version(private_triton, trained_weights)
     pat = label_studio.personal_access_token()
     settings = private_triton.settings.model_copy(
-        update={"label_studio_url": label_studio.url, "label_studio_api_key": SecretStr(pat), "state_dir": tmp_path}
+        update={
+            "label_studio_url": label_studio.url,
+            "label_studio_api_key": SecretStr(pat),
+            "state_dir": tmp_path,
+            "bridge_auth": "none",  # this test is about training; auth is tested with the bridge
+        }
     )
     bridge = bridge_factory(settings)
     api = label_studio.api()
@@ -109,6 +119,10 @@ def test_train_from_a_label_studio_project_reaches_triton_and_label_studio(
     assert {p["model_version"] for t in before for p in t["predictions"]} == {
         model_version_name(settings.model_name, 2)
     }
+    predicted = {
+        label for t in before for p in t["predictions"] for r in p["result"] for label in r["value"]["rectanglelabels"]
+    }
+    assert predicted and predicted <= set(LABELS.values()), "the bridge writes the project's labels"
 
     for task in before:
         name = _uploaded_name(task)
@@ -119,7 +133,8 @@ def test_train_from_a_label_studio_project_reaches_triton_and_label_studio(
             )
         else:  # skipped by the annotator, with boxes that are all wrong: must never be trained on
             wrong = [
-                {**r, "value": {**r["value"], "rectanglelabels": ["concave"]}} for r in task["predictions"][0]["result"]
+                {**r, "value": {**r["value"], "rectanglelabels": [LABELS["concave"]]}}
+                for r in task["predictions"][0]["result"]
             ]
             response = api.client.post(
                 f"/api/tasks/{task['id']}/annotations/", json={"result": wrong, "was_cancelled": True}
@@ -144,7 +159,8 @@ def test_train_from_a_label_studio_project_reaches_triton_and_label_studio(
 
     splits = doc["dataset"]["splits"]
     assert sum(s["images"] for s in splits.values()) == len(files), "skipped (cancelled) tasks are left out"
-    assert doc["dataset"]["classes"] == list(CLASSES)
+    assert doc["dataset"]["classes"] == list(CLASSES), "the served model's classes, not the project's labels"
+    assert doc["dataset"]["new_classes"] == []
     empty = sum(1 for p in (verified / "labels").rglob("*.txt") if not p.read_text().strip())
     assert sum(s["negatives"] for s in splits.values()) == empty
     truth = {c: 0 for c in CLASSES}
@@ -163,6 +179,9 @@ def test_train_from_a_label_studio_project_reaches_triton_and_label_studio(
     assert all(new_version in {p["model_version"] for p in t["predictions"]} for t in after), [
         [p["model_version"] for p in t["predictions"]] for t in after
     ]
-    assert sum(len(p["result"]) for t in after for p in t["predictions"] if p["model_version"] == new_version) > 0
+    new_results = [r for t in after for p in t["predictions"] if p["model_version"] == new_version for r in p["result"]]
+    assert new_results and {label for r in new_results for label in r["value"]["rectanglelabels"]} <= set(
+        LABELS.values()
+    )
     records = list(History(tmp_path / "trainer" / "history.jsonl").records())
     assert [(r["kind"], r["served"]["version"], r["published_version"]) for r in records] == [("train", 2, 3)]

@@ -86,6 +86,16 @@ def _fake_run() -> tuple[Any, Any]:
         images=[BenchImage("img000.jpg", b"x" * 2048, 640, 480), BenchImage("img001.jpg", b"x" * 1024, 320, 320)],
         plan=BenchPlan(images=2, rounds=1, block_images=64),
         seed_threads=2,
+        conf0={"round_trip": [0.030, 0.050], "nms": [0.008, 0.012], "boxes": [300, 280]},
+        jpeg_decode={
+            "images": 2,
+            "sizes": ["800x600", "1600x1200"],
+            "reduced": 1,
+            "decode_ms": {"full": 12.0, "fast": 4.0},
+            "boxes": {"full": 5, "fast": 4},
+            "agreement_f1": 0.8889,
+            "enabled": False,
+        },
     )
     monitor = SimpleNamespace(peak_mb={"bridge": 180.0, "tritonserver": 260.0}, processes={"tritonserver": 2})
     return harness, monitor
@@ -118,6 +128,9 @@ def test_build_report_ratios_follow_their_definitions() -> None:
     stages = {row["stage"]: row["ms"] for row in report["stages_ms"]}
     assert stages["fetch"] == pytest.approx(2.0) and stages["triton round trip"] == pytest.approx(15.0)
     assert stages["transport"] == pytest.approx(15.0 - 3.0 - 10.0)
+    assert report["conf0"]["nms_ms"] == pytest.approx(10.0) and report["conf0"]["boxes_per_image"] == 290
+    assert report["conf0"]["latency_ms"]["mean"] == pytest.approx(40.0)
+    assert report["fast_jpeg_decode"]["agreement_f1"] == 0.8889
 
 
 def test_markdown_and_png(tmp_path: Path) -> None:
@@ -129,5 +142,8 @@ def test_markdown_and_png(tmp_path: Path) -> None:
     assert "| (a) raw onnxruntime | 10.00 | 10.00 | 10.00 |" in markdown
     assert "Test CPU, 2 cores" in markdown and "imgsz 320, int8, " in markdown
     assert "letterbox rect (stride 32);" in markdown
+    assert "| lone requests | 40.00 |" in markdown and "| 10.00 | 290.0 |" in markdown
+    assert "| off (full decode, the default) | 12.00 | 5 |" in markdown
+    assert "| on (1 decoded reduced) | 4.00 | 4 |" in markdown
     write_png(report, tmp_path / "bench.png")
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,7 +8,7 @@ import pytest
 
 from core.errors import ConfigError
 from core.studio import DEFECT_LABEL_CONFIG as SEED_CONFIG
-from ls_bridge.controls import RectangleLabelsModel, build_label_map, plan_for_config
+from ls_bridge.controls import RectangleLabelsModel, plan_for_config
 from serving.client import Detection, ImageDetections, ModelInfo
 
 CLASSES = ("dentado", "concave", "perforation")
@@ -67,25 +67,22 @@ def test_no_regions_score_zero() -> None:
     assert regions == [] and score == 0.0
 
 
-def test_label_map_prefers_predicted_values_then_exact_then_case_insensitive(caplog: pytest.LogCaptureFixture) -> None:
-    labels = {
-        "Dent": {"value": "Dent", "predicted_values": "dentado"},
-        "concave": {"value": "concave"},
-        "CONCAVE": {"value": "CONCAVE"},
-        "Perforation": {"value": "Perforation"},
-    }
+def test_labels_are_mapped_by_the_shared_label_map(caplog: pytest.LogCaptureFixture) -> None:
+    """predicted_values, aliases and case come from core.labelmap; the gaps are logged here, once each."""
+    config = """<View><Image name="image" value="$image"/>
+      <RectangleLabels name="label" toName="image">
+        <Label value="Dent" predicted_values="dent, dentado"/>
+        <Label value="Concavity" alias="C" predicted_values="concave"/>
+        <Label value="PERFORATION"/>
+      </RectangleLabels></View>"""
     with caplog.at_level(logging.WARNING):
-        label_map = build_label_map("label", labels, ("dentado", "concave", "perforation", "scratch"))
-    assert label_map == {"dentado": "Dent", "concave": "concave", "perforation": "Perforation"}
-    unmapped = [r.getMessage() for r in caplog.records]
-    assert len(unmapped) == 1 and "'scratch'" in unmapped[0]
-
-
-def test_predicted_values_naming_no_class_is_reported(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING):
-        label_map = build_label_map("label", {"Dent": {"predicted_values": "dent, dentado"}}, ("dentado",))
-    assert label_map == {"dentado": "Dent"}
-    assert ["'dent'" in r.getMessage() for r in caplog.records] == [True]
+        plan = plan_for_config(config, (*CLASSES, "scratch"), 0.25)
+    assert plan.controls[0].label_map == {"dentado": "Dent", "concave": "C", "perforation": "PERFORATION"}
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert "predicted_values 'dent'" in messages[0] and "'scratch' has no label" in messages[1]
+    regions, _ = plan.format({"image": _detections(("concave", 0.9, 0, 0, 10, 10), ("dentado", 0.8, 0, 0, 10, 10))})
+    assert [r.value.rectanglelabels for r in regions] == [["C"], ["Dent"]], "an alias is what Label Studio stores"
 
 
 def test_each_unmapped_class_is_logged_once_per_config(caplog: pytest.LogCaptureFixture) -> None:

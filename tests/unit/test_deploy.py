@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 from google.protobuf import text_format
+from pydantic import AliasChoices
 from tritonclient.grpc import model_config_pb2
 
+from core.settings import Settings
 from serving.pbtxt import DetectorConfig
 from serving.repository import ModelCard, ModelRepository
 from serving.variants import CORE_BACKENDS, write_ensemble_repository
@@ -31,12 +34,64 @@ def test_compose_file_serves_the_gpu_variant_on_loopback() -> None:
     assert "LABEL_STUDIO_API_KEY" in bridge["environment"]
 
 
+def _flags(command: list[str]) -> dict[str, str]:
+    return dict(arg.removeprefix("--").split("=", 1) for arg in command if arg.startswith("--"))
+
+
+def test_tritons_http_endpoint_stays_inside_its_container() -> None:
+    compose = yaml.safe_load((DEPLOY / "docker-compose.gpu.yml").read_text())
+    triton = compose["services"]["triton"]
+    flags = _flags(triton["command"])
+    # HTTP on the container's own loopback (the health check runs inside it): not published, not on the network.
+    assert flags["http-address"] == "127.0.0.1"
+    assert "localhost:8000" in " ".join(triton["healthcheck"]["test"])
+    # Metrics default to the HTTP address: named explicitly, or the published metrics port would be dead.
+    assert flags["metrics-address"] == flags["grpc-address"] == "0.0.0.0"
+    assert sorted(int(p.rsplit(":", 1)[1]) for p in triton["ports"]) == [8001, 8002]
+
+
+def test_the_bridge_container_asks_for_basic_auth() -> None:
+    compose = yaml.safe_load((DEPLOY / "docker-compose.gpu.yml").read_text())
+    env = compose["services"]["bridge"]["environment"]
+    assert env["BASIC_AUTH_PASS"].startswith("${BASIC_AUTH_PASS:?"), "compose must refuse to start without it"
+    assert env["BASIC_AUTH_USER"]
+    assert env.get("LABELLOOP_BRIDGE_AUTH", "basic") == "basic"
+
+
+def test_compose_sets_only_settings_that_exist() -> None:
+    known = set()
+    for name, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        known |= {str(c) for c in alias.choices} if isinstance(alias, AliasChoices) else {f"LABELLOOP_{name.upper()}"}
+    compose = yaml.safe_load((DEPLOY / "docker-compose.gpu.yml").read_text())
+    env = compose["services"]["bridge"]["environment"]
+    assert {k for k in env if k.startswith("LABELLOOP_")} <= known
+    assert {"LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "BASIC_AUTH_USER", "BASIC_AUTH_PASS"} <= known
+
+
 def test_dockerfiles_copy_what_exists() -> None:
     text = (DEPLOY / "bridge.Dockerfile").read_text()
+    copied = set()
     for line in text.splitlines():
         if line.startswith("COPY "):
             for src in line.split()[1:-1]:
                 assert (DEPLOY.parent / src).exists(), src
+                copied.add(src)
+    # Every package the install needs: a missing one installs fine and fails at the first import.
+    find = re.search(
+        r"\[tool\.setuptools\.packages\.find\]\s*include = \[([^\]]*)\]", (DEPLOY.parent / "pyproject.toml").read_text()
+    )
+    assert find is not None
+    packages = {p.strip().strip('"').rstrip("*") for p in find.group(1).split(",")}
+    assert "core" in packages
+    assert packages <= copied
+
+
+def test_the_bridge_image_runs_unprivileged_with_a_writable_state_folder() -> None:
+    lines = [line.strip() for line in (DEPLOY / "bridge.Dockerfile").read_text().splitlines()]
+    user = lines.index("USER nobody")
+    assert any("chown nobody /state" in line for line in lines[:user])
+    assert "ENV LABELLOOP_STATE_DIR=/state" in lines
 
 
 @pytest.mark.parametrize("core", CORE_BACKENDS)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import cv2
 import numpy as np
@@ -11,7 +13,9 @@ from PIL import Image, ImageOps
 
 from core import image_decode
 from core.image_decode import Decoded, ImageRejected, decode_image, fitted_size
+from serving.triton import detector_ops
 from serving.triton.detector_ops import (
+    MAX_NMS,
     DetectorMeta,
     Letterbox,
     letterbox,
@@ -108,6 +112,78 @@ def test_nms_keeps_boxes_below_iou_threshold() -> None:
     assert keep.tolist() == [0, 1, 2]  # IoU of the first two is 1/3
     keep = nms(boxes, np.array([0.9, 0.8, 0.7], np.float32), 0.3)
     assert keep.tolist() == [0, 2]
+
+
+def _dense_prediction(anchors: int, size: int, seed: int = 0) -> np.ndarray:
+    """A head output where every anchor has a small score: at conf 0, all of them are candidates."""
+    rng = np.random.default_rng(seed)
+    pred = np.zeros((4 + 3, anchors), np.float32)
+    pred[:2] = rng.uniform(0, size, (2, anchors))
+    pred[2:4] = rng.uniform(4, 60, (2, anchors))
+    pred[4:] = rng.uniform(0.001, 0.05, (3, anchors))
+    return pred
+
+
+def _greedy_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> list[int]:
+    """The textbook one-box-at-a-time greedy NMS, as the reference for the blocked one."""
+    x1, y1, x2, y2 = boxes.T
+    areas = (x2 - x1) * (y2 - y1)
+    order = np.argsort(-scores, kind="stable")
+    keep: list[int] = []
+    while order.size:
+        i, rest = int(order[0]), order[1:]
+        keep.append(i)
+        iw = np.clip(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0, None)
+        ih = np.clip(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0, None)
+        order = rest[iw * ih / (areas[i] + areas[rest] - iw * ih + 1e-9) <= iou_threshold]
+    return keep
+
+
+@pytest.mark.parametrize(("n", "spread", "iou"), [(700, 320, 0.7), (700, 40, 0.5), (1500, 320, 0.3), (600, 5, 0.7)])
+def test_blocked_nms_keeps_what_greedy_nms_keeps(n: int, spread: float, iou: float) -> None:
+    rng = np.random.default_rng(n)
+    xy, wh = rng.uniform(0, spread, (n, 2)), rng.uniform(4, 60, (n, 2))
+    boxes = np.concatenate([xy - wh / 2, xy + wh / 2], 1).astype(np.float32)
+    scores = rng.uniform(0, 1, n).astype(np.float32)
+    reference = _greedy_nms(boxes, scores, iou)
+    assert nms(boxes, scores, iou).tolist() == reference
+    # Stopping at max_det keeps the same first boxes.
+    assert nms(boxes, scores, iou, max_det=50).tolist() == reference[:50]
+
+
+def test_nms_at_conf_0_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every anchor passes conf=0: at most MAX_NMS enter NMS, which looks at little past max_det boxes."""
+    entered: list[int] = []
+    pairs: list[int] = []
+    real_nms, real_iou = detector_ops.nms, detector_ops._iou
+
+    def counting_nms(boxes: np.ndarray, scores: np.ndarray, iou: float, max_det: int | None = None) -> np.ndarray:
+        entered.append(len(boxes))
+        return real_nms(boxes, scores, iou, max_det)
+
+    def counting_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        pairs.append(len(a) * len(b))
+        return real_iou(a, b)
+
+    monkeypatch.setattr(detector_ops, "nms", counting_nms)
+    monkeypatch.setattr(detector_ops, "_iou", counting_iou)
+    box = Letterbox(orig_w=1280, orig_h=1280, new_w=1280, new_h=1280, left=0, top=0)
+    # imgsz 1280 has 33600 anchors; more than MAX_NMS
+    out = postprocess(_dense_prediction(33_600, 1280), box, conf=0.0, iou=0.7, max_det=300)
+    assert len(out) == 300
+    assert entered == [MAX_NMS]
+    # Sparse boxes at conf 0: about max_det boxes are visited, a few blocks, not 30000 x 30000 pairs.
+    assert sum(pairs) < 4 * 256 * (300 + 256)
+    # The highest-scoring candidates are the ones kept: the cap drops only the lowest scores.
+    pred = _dense_prediction(33_600, 1280)
+    best = pred[4:].max(0)
+    assert out[:, 4].min() >= np.sort(best)[-MAX_NMS]
+
+
+def test_postprocess_with_candidate_cap_matches_uncapped_below_it() -> None:
+    box = Letterbox(orig_w=320, orig_h=320, new_w=320, new_h=320, left=0, top=0)
+    pred = _dense_prediction(2100, 320, seed=5)
+    assert np.array_equal(postprocess(pred, box, 0.0, 0.7), postprocess(pred, box, 0.0, 0.7, max_nms=10**6))
 
 
 def test_postprocess_filters_by_score() -> None:
@@ -369,6 +445,62 @@ def test_letterbox_orig_sets_the_size_boxes_map_back_to() -> None:
     expected = [144 * 7.5, (144 - 53) * 1600 / 213, 176 * 7.5, (176 - 53) * 1600 / 213]
     np.testing.assert_allclose(postprocess(pred, box, 0.25, 0.7)[0, :4], expected, rtol=1e-5)
     assert letterbox(small, (320, 320), orig=(600, 400))[1] == letterbox(small, (320, 320))[1]
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height`` 8-bit grey pixels and holds one row: what a bomb sends first."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_pillow_keeps_its_bomb_guard(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    # A fresh interpreter: other libraries in this session may lift the limit themselves (ultralytics can).
+    probe = "import core.image_decode, PIL.Image; print(PIL.Image.MAX_IMAGE_PIXELS)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert int(out) == 1024 * 1024 * 1024 // 4 // 3  # Pillow's default, untouched by the import
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 12345)
+    decode_image(_encode(Image.new("RGB", (8, 8)), "PNG"), 10**7, 10**7)
+    assert Image.MAX_IMAGE_PIXELS == 12345  # and untouched by a decode
+
+
+@pytest.mark.parametrize(
+    "size",
+    [
+        (12_000, 12_000),  # 144 MP: over Pillow's limit (it would warn; an error under -W error)
+        (50_000, 50_000),  # 2.5 GP: over twice Pillow's limit (it would raise DecompressionBombError)
+        (8_000, 8_000),  # 64 MP: under Pillow's limit, over ours
+    ],
+)
+def test_bomb_header_is_refused_with_a_clear_message_without_decoding(
+    size: tuple[int, int], monkeypatch: pytest.MonkeyPatch, imdecode_calls: list[int]
+) -> None:
+    loads: list[str] = []
+    monkeypatch.setattr(Image.Image, "load", lambda im: loads.append(im.format))
+    data = _png_header(*size)
+    assert len(data) < 200
+    with pytest.raises(ImageRejected, match=rf"image is {size[0]}x{size[1]} pixels, limit 60000000 .*bomb"):
+        decode_image(data, 10**6, 60_000_000)
+    assert loads == [] and imdecode_calls == []
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF"])
+def test_image_between_pillows_limit_and_ours_decodes(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our cap is the setting: an image it allows decodes, with no Pillow warning (an error here)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    for size in ((50, 40), (100, 100)):  # over Pillow's 1x (warns) and 2x (raises) limit
+        out = decode_image(_encode(_photo(*size).convert("RGB"), fmt), 10**7, 10**7)
+        assert (out.width, out.height) == size
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    # ...and above our cap it is ours that refuses, with our message.
+    with pytest.raises(ImageRejected, match="limit 5000"):
+        decode_image(_encode(_photo(100, 100), fmt), 10**7, 5000)
 
 
 def test_decoded_is_frozen() -> None:

@@ -30,6 +30,17 @@ def test_python_variant() -> None:
     assert parse(render_python(DetectorConfig(rect=False))).parameters["rect"].string_value == "false"
 
 
+def test_fast_jpeg_decode_is_off_unless_asked_and_reaches_every_decoding_model() -> None:
+    from core.settings import Settings
+    from serving.publish import detector_config
+
+    assert parse(render_python(DetectorConfig())).parameters["fast_jpeg_decode"].string_value == "false"
+    assert parse(render_stage(DetectorConfig(), "preprocess")).parameters["fast_jpeg_decode"].string_value == "false"
+    fast = detector_config(Settings(fast_jpeg_decode=True))
+    assert parse(render_python(fast)).parameters["fast_jpeg_decode"].string_value == "true"
+    assert parse(render_stage(fast, "preprocess")).parameters["fast_jpeg_decode"].string_value == "true"
+
+
 def test_onnxruntime_variant_has_tensorrt_fp16_on_gpu_only() -> None:
     gpu = parse(render_core_onnx(DetectorConfig(kind="KIND_GPU")))
     assert gpu.platform == "onnxruntime_onnx"

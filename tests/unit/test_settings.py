@@ -30,12 +30,12 @@ def test_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_label_studio_names_and_prefixed_names(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LABEL_STUDIO_URL", "http://ls:8080")
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", "secret-token")
-    monkeypatch.setenv("LABELLOOP_ALLOWED_HOSTS", "a.example, B.example")
+    monkeypatch.setenv("LABELLOOP_ALLOWED_ORIGINS", "https://a.example, http://B.example:9000")
     s = load_settings()
     assert s.label_studio_url == "http://ls:8080"
     assert s.label_studio_api_key is not None and s.label_studio_api_key.get_secret_value() == "secret-token"
     assert "secret-token" not in repr(s)
-    assert s.allowed_hosts == ["a.example", "b.example"]
+    assert s.allowed_origins == ["https://a.example:443", "http://b.example:9000"]
     monkeypatch.setenv("LABELLOOP_LABEL_STUDIO_URL", "http://other:8080")
     assert load_settings().label_studio_url == "http://other:8080"
     assert load_settings(label_studio_url="http://flag:1").label_studio_url == "http://flag:1"
@@ -49,14 +49,45 @@ def test_bad_values_are_config_errors(tmp_path: Path, monkeypatch: pytest.Monkey
         load_settings()
 
 
-def test_readme_configuration_reference_is_current() -> None:
-    """The README's table is generated (`labelloop config --reference`): regenerate it when fields change."""
-    from pathlib import Path
-
+def test_configuration_reference_is_current() -> None:
+    """docs/configuration.md's table is generated: `labelloop config --reference` prints it."""
     from core.settings import reference_markdown
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert reference_markdown() in readme
+    page = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    assert reference_markdown() in page
+
+
+def test_an_unknown_yaml_key_names_the_nearest_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("imgsz: 320\nconff: 0.4\n")
+    monkeypatch.setenv(CONFIG_ENV, str(cfg))
+    with pytest.raises(ConfigError, match=r"unknown setting 'conff'; did you mean 'conf'\?"):
+        load_settings()
+
+
+def test_an_unknown_environment_variable_names_the_nearest_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LABELLOOP_TRITON_UR", "127.0.0.1:1")
+    with pytest.raises(ConfigError, match=r"LABELLOOP_TRITON_UR .*did you mean 'triton_url'\?"):
+        load_settings()
+    monkeypatch.delenv("LABELLOOP_TRITON_UR")
+    monkeypatch.setenv("LABELLOOP_ZZZ_NOTHING_LIKE_IT", "1")
+    with pytest.raises(ConfigError, match="unknown setting LABELLOOP_ZZZ_NOTHING_LIKE_IT in the environment$"):
+        load_settings()
+
+
+def test_an_unknown_dotenv_key_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("LABELLOOP_BATCHH=4\n")
+    with pytest.raises(ConfigError, match="batch"):
+        load_settings()
+
+
+def test_every_setting_can_be_set_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unknown-variable check knows every field's own name (no false alarm)."""
+    monkeypatch.setenv("LABELLOOP_CONF", "0.5")
+    monkeypatch.setenv("LABELLOOP_CONFIG", "")
+    monkeypatch.setenv("BASIC_AUTH_USER", "u")
+    assert load_settings().conf == 0.5
 
 
 def test_config_command_masks_secrets(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from core.errors import DatasetError
+from core.errors import ConfigError, DatasetError
 from trainer.dataset import (
     HOLDOUT_DIR,
     Box,
@@ -440,6 +440,7 @@ def test_other_result_types_and_controls_are_ignored() -> None:
     assert len(found[0].boxes) == 1
 
 
-def test_bad_label_config_is_a_dataset_error() -> None:
-    with pytest.raises(DatasetError, match="labeling config"):
+def test_bad_label_config_is_a_config_error() -> None:
+    """The bridge's parser (core.labelmap), with its error: one parser for both sides."""
+    with pytest.raises(ConfigError, match="label config cannot be parsed"):
         labels_from_tasks([], "<View><Image")
