@@ -62,7 +62,7 @@ def _origin(entry: str) -> str:
 
 
 class Settings(BaseSettings):
-    """Everything labelloop can be told; see the README's configuration reference."""
+    """Everything labelloop can be told; see docs/configuration.md."""
 
     model_config = SettingsConfigDict(
         env_prefix="LABELLOOP_",
@@ -262,7 +262,7 @@ def _env_names(name: str, alias: object) -> list[str]:
 
 
 def reference_markdown() -> str:
-    """The README's configuration reference, generated from the fields so it cannot drift."""
+    """docs/configuration.md's reference table, generated from the fields so it cannot drift."""
     rows = ["| setting | environment | default | meaning |", "| --- | --- | --- | --- |"]
     for name, info in Settings.model_fields.items():
         default = info.get_default(call_default_factory=True)

@@ -2,7 +2,7 @@
 
 Why: the bridge downloads every task image, and httpx's own transport (httpcore, h11 and anyio, all
 pure Python) cost about 0.9 CPU-ms per 32 KB image on a 2-core box; on aiohttp, which parses HTTP
-in C, the same download through httpx costs about 0.4 (README, Performance). httpx stays the
+in C, the same download through httpx costs about 0.4 (docs/performance.md). httpx stays the
 client: auth flows (Label Studio's token refresh), redirects checked hop by hop, streaming and its
 errors are unchanged, so only the wire moves.
 """

@@ -1,7 +1,7 @@
 """Post-training INT8 quantization of a detector ONNX, gated on how closely it agrees with its FP32 source.
 
 Why: on this project's AVX-512 VNNI test machine, onnxruntime's INT8 kernels run the detector about
-twice as fast as FP32 (README, Performance). What is quantized: every convolution and activation
+twice as fast as FP32 (docs/performance.md). What is quantized: every convolution and activation
 of the network, as QDQ nodes with per-channel weights, calibrated on images from the user's own
 domain. What stays FP32: the tail of ultralytics' Detect head (DFL softmax, box decoding, class
 sigmoid, the final concat). That concat holds pixel coordinates (0 to imgsz) and class scores

@@ -25,7 +25,7 @@ move a little, see ``labelloop bench``).
 Threads on a CPU: a batch that runs while no other instance of this server executes uses
 ``intra_op_threads`` (all cores: lowest latency for a lone request); while other instances execute,
 each uses one thread, so instances run side by side instead of fighting over cores (the best
-throughput). See the README's Performance section for the measurements.
+throughput). See docs/performance.md for the measurements.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _session_options(ort: Any, threads: int) -> Any:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Pool threads spin-wait for work between operators: fast, but a spin that outlasts the gap
     # burns a core the bridge, Triton's gRPC threads or other processes need. 100 us keeps the
-    # spinning latency and the CPU time of no spinning (measured: README, Performance).
+    # spinning latency and the CPU time of no spinning (measured: docs/performance.md).
     options.add_session_config_entry("session.intra_op.spin_duration_us", "100")
     return options
 
