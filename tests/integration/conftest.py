@@ -150,3 +150,25 @@ class ImageServer(LoopbackHTTPServer):
 
     def handle_error(self, request: object, client_address: object) -> None:
         """Quiet: clients that hang up early (size and time limits) are what the tests provoke."""
+
+
+@pytest.fixture(scope="module")
+def image_dir(demo_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo validation images, plus ``broken.png``, a file that is no image at all."""
+    root = tmp_path_factory.mktemp("served")
+    for path in sorted((demo_dataset.parent / "images" / "val").iterdir()):
+        (root / path.name).write_bytes(path.read_bytes())
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def images(image_dir: Path) -> list[str]:
+    """The names of the real images in ``image_dir``."""
+    return sorted(p.name for p in image_dir.iterdir() if p.name != "broken.png")
+
+
+@pytest.fixture(scope="module")
+def image_server(image_dir: Path) -> Iterator[ImageServer]:
+    with ImageServer(image_dir) as server:
+        yield server

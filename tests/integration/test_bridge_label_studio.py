@@ -93,7 +93,8 @@ def _basic_header(pair: tuple[str, str]) -> str:
 def _connect_with_auth(api: LabelStudioAPI, project: int, bridge: BridgeServer) -> None:
     """Connect as a user does with auth on: the pair in Connect Model, and on the webhook Label Studio creates.
 
-    Label Studio's auto-created webhook carries no credentials; the header added to it (docs/label-studio.md, Basic auth) does.
+    Label Studio's auto-created webhook carries no credentials; the header added to it does
+    (docs/label-studio.md, Basic auth).
     """
     assert bridge.auth is not None
     api.connect_ml(project, bridge.url, basic_auth=bridge.auth)
@@ -212,7 +213,8 @@ def test_label_studio_connects_only_with_the_right_basic_auth(
     api.retrieve_predictions(project)
     assert _assert_predictions_equal_detect(api.tasks(project), detected) == 3
 
-    # Label Studio's auto-created webhook carries no credentials; the header added to it (docs/label-studio.md, Basic auth) does.
+    # Label Studio's auto-created webhook carries no credentials; the header added to it does
+    # (docs/label-studio.md, Basic auth).
     store = EventStore.for_settings(settings)
     (webhook,) = api.webhooks(project)
     task = api.tasks(project)[0]["id"]

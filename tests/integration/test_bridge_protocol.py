@@ -7,7 +7,7 @@ import base64
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,27 +30,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.triton]
 VERSION = "defect_detector@v1"
 
 BridgeFactory = Callable[[Settings], BridgeServer]
-
-
-@pytest.fixture(scope="module")
-def image_dir(demo_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo validation images, plus a file that is no image at all."""
-    root = tmp_path_factory.mktemp("served")
-    for path in sorted((demo_dataset.parent / "images" / "val").iterdir()):
-        (root / path.name).write_bytes(path.read_bytes())
-    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
-    return root
-
-
-@pytest.fixture(scope="module")
-def images(image_dir: Path) -> list[str]:
-    return sorted(p.name for p in image_dir.iterdir() if p.name != "broken.png")
-
-
-@pytest.fixture(scope="module")
-def image_server(image_dir: Path) -> Iterator[ImageServer]:
-    with ImageServer(image_dir) as server:
-        yield server
 
 
 def _settings(triton: TritonHandle, image_server: ImageServer, tmp_path: Path, **extra: Any) -> Settings:

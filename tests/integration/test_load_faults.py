@@ -12,7 +12,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -34,27 +34,12 @@ TASKS = 500
 BROKEN_EVERY = 20  # 5 %
 
 
-@pytest.fixture(scope="module")
-def image_dir(demo_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("load-images")
-    for path in sorted((demo_dataset.parent / "images" / "val").iterdir()):
-        (root / path.name).write_bytes(path.read_bytes())
-    (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg at all")
-    return root
-
-
-@pytest.fixture(scope="module")
-def image_server(image_dir: Path) -> Iterator[ImageServer]:
-    with ImageServer(image_dir) as server:
-        yield server
-
-
 def _broken_urls(server: ImageServer, image: str) -> list[tuple[str, str]]:
     """(URL, the error class its task must report), one of each kind of fault."""
     port = server.server_address[1]
     return [
         ("http://[::1/x.png", "FetchError"),  # malformed URL
-        (server.url("corrupt.jpg"), "ImageError"),  # bytes that are no image
+        (server.url("broken.png"), "ImageError"),  # bytes that are no image
         (f"http://localhost:{port}/{image}", "FetchError"),  # a host that is not allowed
         (f"http://127.0.0.1:1/{image}", "FetchError"),  # the allowed host on another port
         (server.url("missing.jpg"), "FetchError"),  # 404
@@ -87,6 +72,7 @@ def test_a_big_batch_with_broken_tasks_and_a_publish_in_the_middle(
     trained_weights: Path,
     image_server: ImageServer,
     image_dir: Path,
+    images: list[str],
     tmp_path: Path,
     bridge_factory: Callable[[Settings], BridgeServer],
     caplog: pytest.LogCaptureFixture,
@@ -95,7 +81,6 @@ def test_a_big_batch_with_broken_tasks_and_a_publish_in_the_middle(
         update={"allowed_origins": [f"http://{image_server.host}"], "state_dir": tmp_path / "state"}
     )
     bridge = bridge_factory(settings)
-    images = sorted(p.name for p in image_dir.iterdir() if p.suffix == ".jpg" and p.name != "corrupt.jpg")
     broken = _broken_urls(image_server, images[0])
     tasks, expected_error, wanted = [], {}, {}
     for i in range(TASKS):
