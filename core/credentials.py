@@ -7,6 +7,7 @@ so Label Studio is connected with the same credentials the bridge checks.
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 from dataclasses import dataclass
@@ -29,6 +30,12 @@ class BasicCredentials:
 
     user: str
     password: SecretStr
+
+    @property
+    def authorization(self) -> str:
+        """The ``Authorization`` header value for HTTP basic auth."""
+        pair = f"{self.user}:{self.password.get_secret_value()}".encode()
+        return "Basic " + base64.b64encode(pair).decode("ascii")
 
 
 def credentials_path(settings: Settings) -> Path:

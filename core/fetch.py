@@ -38,7 +38,7 @@ from core.settings import Settings
 from core.studio_auth import LabelStudioAuth
 from core.transport import AiohttpTransport
 
-__all__ = ["ImageFetcher", "make_auth", "origin_of"]
+__all__ = ["ImageFetcher", "origin_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ _SHOWN_URL_CHARS = 200
 Origin = tuple[str, str, int]
 
 
-def make_auth(settings: Settings) -> LabelStudioAuth | None:
+def _make_auth(settings: Settings) -> LabelStudioAuth | None:
     """Credentials for Label Studio when both its URL and a key are configured."""
     if not settings.label_studio_url or settings.label_studio_api_key is None:
         return None
@@ -94,7 +94,7 @@ class ImageFetcher:
         self._max_bytes = settings.max_image_bytes
         self._timeout_s = settings.fetch_timeout_s
         self._slots = asyncio.Semaphore(settings.fetch_concurrency)
-        self.auth = auth if auth is not None else make_auth(settings)
+        self.auth = auth if auth is not None else _make_auth(settings)
         self._client = httpx.AsyncClient(
             auth=self.auth,
             timeout=httpx.Timeout(settings.fetch_timeout_s),

@@ -19,12 +19,11 @@ So a region the bridge writes for class X, kept by an annotator, trains class X 
 from __future__ import annotations
 
 import logging
+import re
+import xml.etree.ElementTree as ET
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
-
-from label_studio_sdk.label_interface.interface import LabelInterface
 
 from core.errors import ConfigError
 
@@ -44,6 +43,13 @@ logger = logging.getLogger(__name__)
 
 RECTANGLE_LABELS = "RectangleLabels"
 IMAGE = "Image"
+
+# Label Studio's own rules (label-studio-sdk's label_interface): tags that hold labels, and a tag with
+# name/toName that is no control.
+_LABEL_TAGS = frozenset({"Label", "Choice", "Relation"})
+_NOT_CONTROL_TAGS = frozenset({"Filter"})
+# A DTD may declare entities that expand to gigabytes ("billion laughs"); no label config needs one.
+_DECLARATION = re.compile(r"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -110,41 +116,79 @@ class LabelConfig:
         return "; ".join(f"{c.tag} {c.name!r} -> {', '.join(c.to_names)}" for c in self.controls) or "no controls"
 
 
-def _attrs(tag: Any) -> dict[str, str]:
-    return {str(k): str(v) for k, v in (tag.attr or {}).items()}
+def _control_for(
+    element: ET.Element, parents: Mapping[ET.Element, ET.Element], controls: Mapping[ET.Element, str]
+) -> str | None:
+    """The name of a ``<Label>``'s nearest enclosing control (labels may sit in nested ``<View>``s)."""
+    parent = parents.get(element)
+    while parent is not None:
+        if parent in controls:
+            return controls[parent]
+        parent = parents.get(parent)
+    return None
 
 
-def _label(name: str, tag: Any) -> ConfigLabel:
-    """The SDK keys labels by their stored name (alias or value); keep both apart."""
-    attrs = _attrs(tag)
-    return ConfigLabel(value=attrs.get("value", name), alias=attrs.get("alias") or None, attrs=attrs)
+def _is_control(element: ET.Element) -> bool:
+    return bool(element.get("name") and element.get("toName")) and element.tag not in _NOT_CONTROL_TAGS
+
+
+def _is_object(element: ET.Element) -> bool:
+    return bool(element.get("name") and (element.get("value") or element.get("valueList")))
+
+
+def _parse_xml(config: str) -> ET.Element:
+    """The config's root element; a DOCTYPE is refused (entity expansion), bad XML is a ConfigError."""
+    if _DECLARATION.search(config):
+        raise ConfigError("label config cannot be parsed: DOCTYPE and ENTITY declarations are not allowed")
+    try:
+        return ET.fromstring(config)
+    except ET.ParseError as exc:
+        raise ConfigError(f"label config cannot be parsed: {exc}") from exc
 
 
 @lru_cache(maxsize=64)
 def parse_label_config(config: str) -> LabelConfig:
-    """Parse with label-studio-sdk's label interface (Label Studio's own rules); ConfigError when it cannot."""
-    try:
-        interface = LabelInterface(config)
-    except Exception as exc:  # the SDK raises plain Exception (and its own XML errors) for bad configs
-        raise ConfigError(f"label config cannot be parsed: {exc}") from exc
+    """Controls, labels and objects as Label Studio reads them; ConfigError when the XML does not parse.
 
-    def convert(obj: Any) -> ConfigObject:
-        return ConfigObject(tag=str(obj.tag), name=str(obj.name), value=str(obj.value or ""))
-
-    controls = []
-    for control in interface.controls:
-        labels = tuple(_label(name, tag) for name, tag in (control.labels_attrs or {}).items())
-        controls.append(
+    As in Label Studio: a control is any tag with ``name`` and ``toName`` (but ``Filter``), an
+    object any other tag with ``name`` and ``value`` (or ``valueList``), and a ``<Label>`` (or
+    ``Choice``, ``Relation``) belongs to its nearest enclosing control. A later tag with the same
+    name replaces an earlier one, as does a label stored under the same name in one control.
+    """
+    root = _parse_xml(config)
+    parents = {child: parent for parent in root.iter() for child in parent}
+    controls: dict[str, ET.Element] = {}
+    names: dict[ET.Element, str] = {}
+    labels: dict[str, dict[str, ConfigLabel]] = {}
+    objects: dict[str, ConfigObject] = {}
+    for element in root.iter():
+        attrs = dict(element.attrib)
+        if _is_control(element):
+            controls[attrs["name"]] = element
+            names[element] = attrs["name"]
+        elif _is_object(element):
+            value = attrs.get("valueList", attrs.get("value", ""))
+            objects[attrs["name"]] = ConfigObject(tag=str(element.tag), name=attrs["name"], value=value)
+        elif element.tag in _LABEL_TAGS:
+            owner = _control_for(element, parents, names)
+            stored = attrs.get("alias") or attrs.get("value")
+            if owner is not None and stored:
+                alias = attrs.get("alias") or None
+                labels.setdefault(owner, {})[stored] = ConfigLabel(attrs.get("value", stored), alias, attrs)
+    parsed = []
+    for name, element in controls.items():
+        to_names = tuple(str(element.get("toName")).split(","))
+        parsed.append(
             ConfigControl(
-                tag=str(control.tag),
-                name=str(control.name),
-                to_names=tuple(control.to_name or ()),
-                attrs=_attrs(control),
-                labels=labels,
-                objects=tuple(convert(o) for o in control.objects or ()),
+                tag=str(element.tag),
+                name=name,
+                to_names=to_names,
+                attrs=dict(element.attrib),
+                labels=tuple(labels.get(name, {}).values()),
+                objects=tuple(objects[n] for n in to_names if n in objects),
             )
         )
-    return LabelConfig(controls=tuple(controls), objects=tuple(convert(o) for o in interface.objects or ()))
+    return LabelConfig(controls=tuple(parsed), objects=tuple(objects.values()))
 
 
 @dataclass(frozen=True)

@@ -1,35 +1,47 @@
-"""Label Studio as part of the local stack: how to start it, and the admin calls ``up`` makes.
+"""Label Studio: the one client of its REST API, and how ``labelloop up`` starts it locally.
+
+:class:`StudioClient` holds every call labelloop makes (projects, tasks, predictions, ML backends,
+webhooks) as thin typed methods over one ``httpx.AsyncClient``; its auth (legacy token or refreshed
+Personal Access Token) is :mod:`core.studio_auth`, and every failure is a ``LabelStudioError`` that
+says what was called and, for 401/403, which key to check.
 
 Label Studio lives in its own virtual environment (it needs numpy 2; Triton's stub needs numpy 1).
 A local stack needs a few non-default settings (field notes 4 and 6): legacy tokens enabled before
 the first start, and loopback ML backends / webhooks allowed. The model connection and the webhook
-Label Studio makes with it both carry the bridge's basic-auth pair.
+Label Studio makes with it both carry the bridge's basic-auth pair. The admin token ``up`` creates
+is kept under the state folder, where the other commands find it when no key is configured.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
-import os
 import secrets
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import httpx
+from pydantic import SecretStr
 
 from core.credentials import BasicCredentials
-from core.errors import LabelStudioError
+from core.errors import ConfigError, LabelStudioError
+from core.files import write_json_atomic
+from core.settings import Settings
+from core.studio_auth import LabelStudioAuth
 
 __all__ = [
     "DEFECT_LABEL_CONFIG",
     "Credentials",
-    "StudioAdmin",
-    "basic_authorization",
+    "StudioClient",
+    "credentials_file",
     "label_studio_command",
     "label_studio_environment",
     "load_or_create_credentials",
+    "local_studio_url",
+    "studio_settings",
 ]
 
 logger = logging.getLogger(__name__)
@@ -44,6 +56,7 @@ DEFECT_LABEL_CONFIG = """<View>
   </RectangleLabels>
 </View>"""
 
+_API_TIMEOUT_S = 120.0
 _CLEARED_ENV = ("LABELLOOP_", "LABEL_STUDIO_", "BASIC_AUTH_", "DJANGO_", "ML_", "SSRF_", "LOCAL_FILES_")
 
 
@@ -56,6 +69,16 @@ class Credentials:
     token: str
 
 
+def credentials_file(state_dir: Path) -> Path:
+    """Where ``up`` keeps the admin account of the Label Studio it runs."""
+    return state_dir / "label_studio" / "credentials.json"
+
+
+def local_studio_url(settings: Settings) -> str:
+    """The URL of the Label Studio ``up`` runs (loopback only)."""
+    return f"http://127.0.0.1:{settings.label_studio_port}"
+
+
 def load_or_create_credentials(path: Path) -> Credentials:
     if path.is_file():
         return Credentials(**json.loads(path.read_text()))
@@ -65,10 +88,37 @@ def load_or_create_credentials(path: Path) -> Credentials:
         token=secrets.token_hex(20),  # a legacy token is 40 hex characters
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(asdict(creds), fh)
+    write_json_atomic(path, asdict(creds), mode=0o600)
     return creds
+
+
+def studio_settings(settings: Settings, command: str) -> Settings:
+    """``settings`` with Label Studio's URL and key: configured ones, else those of the Label Studio ``up`` runs.
+
+    Raises:
+        ConfigError: neither is configured and ``up`` has run no Label Studio with this state folder.
+    """
+    url, key = settings.label_studio_url, settings.label_studio_api_key
+    if url and key is not None:
+        return settings
+    stored = credentials_file(settings.state_dir)
+    if not url and key is None and stored.is_file():
+        try:
+            token = load_or_create_credentials(stored).token
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigError(f"{stored} is unreadable ({type(exc).__name__}): set LABEL_STUDIO_API_KEY") from exc
+        logger.info("using the Label Studio that `labelloop up` runs (%s)", local_studio_url(settings))
+        return settings.model_copy(
+            update={"label_studio_url": local_studio_url(settings), "label_studio_api_key": SecretStr(token)}
+        )
+    missing = " and ".join(
+        name for name, value in (("LABEL_STUDIO_URL", url), ("LABEL_STUDIO_API_KEY", key)) if not value
+    )
+    if url or key is not None:
+        hint = "set both, or neither to use the Label Studio `labelloop up` runs"
+    else:
+        hint = f"or run `labelloop up`: with neither set, its Label Studio is used; none ran with {settings.state_dir}"
+    raise ConfigError(f"{command} needs Label Studio's address and key: export {missing} ({hint})")
 
 
 def label_studio_environment(
@@ -109,42 +159,98 @@ def label_studio_command(binary: Path, port: int) -> list[str]:
     ]
 
 
-class StudioAdmin:
-    """The few idempotent admin calls ``labelloop up`` needs (legacy token auth)."""
+class StudioClient:
+    """Label Studio's REST API for one base URL; use as ``async with``."""
 
-    def __init__(self, url: str, token: str) -> None:
-        self._client = httpx.Client(
-            base_url=url.rstrip("/"), headers={"Authorization": f"Token {token}"}, timeout=60.0, trust_env=False
-        )
+    def __init__(self, base_url: str, token: str, *, timeout_s: float = _API_TIMEOUT_S) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.auth = LabelStudioAuth(self.base_url, token)
+        self._client = httpx.AsyncClient(base_url=self.base_url, auth=self.auth, timeout=timeout_s, trust_env=False)
 
-    def close(self) -> None:
-        self._client.close()
+    @classmethod
+    def from_settings(cls, settings: Settings) -> StudioClient:
+        """A client for the configured Label Studio (see :func:`studio_settings` for the fallback)."""
+        if not settings.label_studio_url or settings.label_studio_api_key is None:
+            raise ConfigError("Label Studio's API needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+        return cls(settings.label_studio_url, settings.label_studio_api_key.get_secret_value())
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+    async def __aenter__(self) -> StudioClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._client.aclose()
+
+    async def _call(self, method: str, path: str, *, none_if_missing: bool = False, **kwargs: Any) -> Any:
+        """One API call; the JSON answer (None when empty), or LabelStudioError saying what failed."""
         try:
-            response = self._client.request(method, path, **kwargs)
+            response = await self._client.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
-            raise LabelStudioError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+            raise LabelStudioError(
+                f"{method} {self.base_url}{path}: {type(exc).__name__}: {exc} (is Label Studio running there?)"
+            ) from exc
+        if none_if_missing and response.status_code == 404:
+            return None
         if response.is_error:
-            raise LabelStudioError(f"{method} {path}: HTTP {response.status_code}: {response.text[:300]}")
-        return response.json() if response.content else None
+            hint = " (check LABEL_STUDIO_API_KEY)" if response.status_code in (401, 403) else ""
+            raise LabelStudioError(f"{method} {path}: HTTP {response.status_code}{hint}: {response.text[:300]}")
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise LabelStudioError(f"{method} {path}: the answer is not JSON") from exc
 
-    def ensure_project(self, title: str, label_config: str) -> int:
+    async def project(self, project_id: int) -> dict[str, Any]:
+        """The project, with ``label_config`` and ``task_number``."""
+        body = await self._call("GET", f"/api/projects/{project_id}/")
+        if not isinstance(body, dict):
+            raise LabelStudioError(f"GET /api/projects/{project_id}/: unexpected answer {str(body)[:200]}")
+        return body
+
+    async def task_pages(self, project_id: int, page_size: int = 100) -> AsyncIterator[list[dict[str, Any]]]:
+        """Every task of a project with its annotations and predictions, one page at a time, in id order."""
+        page = 1
+        while True:
+            params = {"project": project_id, "page": page, "page_size": page_size, "fields": "all"}
+            # Label Studio answers 404 ("Invalid page.") past the last page.
+            body = await self._call("GET", "/api/tasks/", none_if_missing=page > 1, params=params)
+            if body is None:
+                return
+            tasks = body.get("tasks", []) if isinstance(body, Mapping) else body
+            if not isinstance(tasks, list):
+                raise LabelStudioError(f"GET /api/tasks/: unexpected answer {str(body)[:200]}")
+            if not tasks:
+                return
+            yield [t for t in tasks if isinstance(t, dict)]
+            if len(tasks) < page_size:
+                return
+            page += 1
+
+    async def tasks(self, project_id: int) -> list[dict[str, Any]]:
+        """Every task of a project, all pages."""
+        return [task async for page in self.task_pages(project_id) for task in page]
+
+    async def import_predictions(self, project_id: int, predictions: Sequence[Mapping[str, Any]]) -> None:
+        """Store predictions (each with its ``task`` id) in one call."""
+        await self._call("POST", f"/api/projects/{project_id}/import/predictions", json=list(predictions))
+
+    async def ensure_project(self, title: str, label_config: str) -> int:
         """The id of the project with this title, created with ``label_config`` if missing."""
-        body = self._call("GET", "/api/projects/", params={"title": title, "page_size": 100})
+        body = await self._call("GET", "/api/projects/", params={"title": title, "page_size": 100})
         projects = body.get("results", []) if isinstance(body, dict) else body
-        for project in projects:
+        for project in projects or []:
             if project.get("title") == title:
                 return int(project["id"])
-        created = self._call("POST", "/api/projects/", json={"title": title, "label_config": label_config})
+        created = await self._call("POST", "/api/projects/", json={"title": title, "label_config": label_config})
         logger.info("created Label Studio project %r (id %s)", title, created["id"])
         return int(created["id"])
 
-    def ml_backends(self, project_id: int) -> list[dict[str, Any]]:
-        body = self._call("GET", "/api/ml/", params={"project": project_id})
-        return list(body or [])
+    async def ml_backends(self, project_id: int) -> list[dict[str, Any]]:
+        return list(await self._call("GET", "/api/ml/", params={"project": project_id}) or [])
 
-    def ensure_ml_backend(
+    async def ensure_ml_backend(
         self, project_id: int, url: str, auth: BasicCredentials | None, title: str = "labelloop"
     ) -> int:
         """Connect the bridge as the project's model (once), then make its auth match ``auth``.
@@ -158,17 +264,19 @@ class StudioAdmin:
                 "basic_auth_user": auth.user,
                 "basic_auth_pass": auth.password.get_secret_value(),
             }
-        for backend in self.ml_backends(project_id):
+        for backend in await self.ml_backends(project_id):
             if backend.get("url", "").rstrip("/") == url.rstrip("/"):
                 # The password is write-only in the API: send it again rather than guess it is current.
-                self._call("PATCH", f"/api/ml/{backend['id']}", json={"project": project_id, "url": url, **fields})
+                await self._call(
+                    "PATCH", f"/api/ml/{backend['id']}", json={"project": project_id, "url": url, **fields}
+                )
                 return int(backend["id"])
-        created = self._call(
+        created = await self._call(
             "POST",
             "/api/ml/",
             json={"project": project_id, "url": url, "title": title, "is_interactive": False, **fields},
         )
-        self._call(
+        await self._call(
             "PATCH",
             f"/api/projects/{project_id}/",
             json={"show_collab_predictions": True, "evaluate_predictions_automatically": True},
@@ -176,21 +284,20 @@ class StudioAdmin:
         logger.info("connected ML backend %s to project %d", url, project_id)
         return int(created["id"])
 
-    def webhooks(self, project_id: int) -> list[dict[str, Any]]:
-        body = self._call("GET", "/api/webhooks/", params={"project": project_id})
-        return list(body or [])
+    async def webhooks(self, project_id: int) -> list[dict[str, Any]]:
+        return list(await self._call("GET", "/api/webhooks/", params={"project": project_id}) or [])
 
-    def ensure_webhook(self, project_id: int, url: str, auth: BasicCredentials | None) -> int:
+    async def ensure_webhook(self, project_id: int, url: str, auth: BasicCredentials | None) -> int:
         """The project's webhook to ``url`` (the one Label Studio made with the model, else a new one), with auth.
 
         Label Studio creates it without credentials: the ``Authorization`` header is added here.
         """
-        headers = {} if auth is None else {"Authorization": basic_authorization(auth)}
-        for hook in self.webhooks(project_id):
+        headers = {} if auth is None else {"Authorization": auth.authorization}
+        for hook in await self.webhooks(project_id):
             if hook.get("url", "").rstrip("/") == url.rstrip("/"):
-                self._call("PATCH", f"/api/webhooks/{hook['id']}/", json={"headers": headers})
+                await self._call("PATCH", f"/api/webhooks/{hook['id']}/", json={"headers": headers})
                 return int(hook["id"])
-        created = self._call(
+        created = await self._call(
             "POST",
             "/api/webhooks/",
             json={
@@ -203,9 +310,3 @@ class StudioAdmin:
         )
         logger.info("created webhook %s for project %d", url, project_id)
         return int(created["id"])
-
-
-def basic_authorization(auth: BasicCredentials) -> str:
-    """The ``Authorization`` header value for HTTP basic auth."""
-    pair = f"{auth.user}:{auth.password.get_secret_value()}".encode()
-    return "Basic " + base64.b64encode(pair).decode("ascii")

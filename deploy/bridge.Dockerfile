@@ -1,7 +1,6 @@
-# The bridge only: the serve-side install (no torch, no ultralytics).
+# The bridge only: the `bridge` extra (FastAPI, tritonclient, Pillow; no torch, onnxruntime, OpenCV or
+# tritonserver), so no system libraries beyond the slim image.
 FROM python:3.11-slim
-RUN apt-get update && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 \
-    && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY core core
@@ -9,7 +8,7 @@ COPY labelloop labelloop
 COPY serving serving
 COPY ls_bridge ls_bridge
 COPY trainer trainer
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir ".[bridge]"
 # The state volume (events, generated bridge credentials) must be writable by the unprivileged user:
 # a named volume takes this folder's owner when it is first created.
 RUN mkdir -p /state && chown nobody /state

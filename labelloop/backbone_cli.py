@@ -14,7 +14,6 @@ import typer
 
 from core.console import fail
 from core.errors import ConfigError, LabelloopError
-from core.settings import load_settings
 
 __all__ = ["app"]
 
@@ -47,6 +46,7 @@ def import_(
     as_json: JsonOpt = False,
 ) -> None:
     """Import real DINOv3 weights (offline), export them to ONNX, check and publish the next version."""
+    from core.settings import load_settings
     from serving.backbone import DEFAULT_BACKBONE, card_summary
     from trainer.backbone import import_backbone
 
@@ -61,6 +61,7 @@ def import_(
 @app.command()
 def demo(name: NameOpt = None, model_repository: RepoOpt = None, as_json: JsonOpt = False) -> None:
     """Publish the small random-initialised demo backbone (no weights from anywhere; for tests and demos)."""
+    from core.settings import load_settings
     from serving.backbone import DEFAULT_BACKBONE, card_summary
     from trainer.backbone import publish_demo
 
@@ -89,6 +90,7 @@ def embed(
     """
     import numpy as np
 
+    from core.settings import load_settings
     from serving.backbone import DEFAULT_BACKBONE, embed_files
 
     name = backbone or DEFAULT_BACKBONE

@@ -14,9 +14,11 @@ run in a fresh shuffled order each round, so background load and warm caches hit
 
 Two side measurements: Triton at a score threshold of 0 (NMS's worst case, bounded by its
 candidate cap), and ``fast_jpeg_decode`` on and off on camera-sized JPEGs (decode time and how
-well the detections agree), in-process on the served ONNX.
+well the detections agree), in-process on the served ONNX. After the detector's rounds, the demo
+DINOv3 backbone is measured the same way, Triton against raw onnxruntime (:mod:`labelloop.bench_backbone`).
 
-Ratios and their definitions live in :mod:`labelloop.bench_report`.
+Ratios and their definitions live in :mod:`labelloop.bench_report`. Module-level imports stay light
+(``labelloop --help`` loads this module): numpy, httpx, gRPC and the runtimes load inside the bench.
 """
 
 from __future__ import annotations
@@ -38,11 +40,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import httpx
-import numpy as np
-import numpy.typing as npt
 import typer
-from tqdm import tqdm
 
 from core.console import fail
 from core.errors import ConfigError, InferenceError, LabelloopError
@@ -53,23 +51,22 @@ from labelloop.bench_rig import (
     QUICK,
     BenchImage,
     BenchPlan,
-    BridgeProcess,
-    ImageServer,
     ProcessMonitor,
     Tally,
-    free_port,
     label_config,
-    machine_info,
-    private_repository,
-    render_images,
 )
-from serving.client import STAGES, DetectorClient, ModelInfo
-from serving.control import load_served_version
-from serving.launcher import TritonProcess
-from serving.repository import ModelRepository
 
 if TYPE_CHECKING:
+    import httpx
+    import numpy as np
+    import numpy.typing as npt
+    from tqdm import tqdm
+
+    from serving.client import DetectorClient, ModelInfo
+    from serving.repository import ModelRepository
     from serving.triton.detector_ops import Letterbox
+
+    Tensor = npt.NDArray[np.float32]
 
 __all__ = ["Harness", "app", "metric_sum", "parse_metrics", "run_bench"]
 
@@ -91,7 +88,6 @@ _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
 Sample = tuple[str, dict[str, str], float]
-Tensor = npt.NDArray[np.float32]
 
 
 def parse_metrics(text: str) -> list[Sample]:
@@ -184,6 +180,8 @@ class Harness:
     def _jpeg_decode_ab(self) -> dict[str, Any]:
         """``fast_jpeg_decode`` off vs on, same JPEGs: decode ms, boxes and their agreement (F1, IoU >= 0.5)."""
         import io
+
+        import numpy as np
 
         from core.image_decode import decode_image
         from serving.quantize import matched_detections
@@ -323,6 +321,8 @@ class Harness:
 
     async def _stages(self, detector: DetectorClient) -> None:
         """Decode, preprocess, infer and NMS by the Triton model's own clock, one lone request per image."""
+        from serving.client import STAGES
+
         for image in self.images:
             found = await detector.detect(image.data, stages=True)
             for name in (*STAGES, "round_trip"):
@@ -381,6 +381,8 @@ class Harness:
         work[1] += time.perf_counter() - started
 
     async def _predict(self, http: httpx.AsyncClient, indices: list[int]) -> list[dict[str, Any]]:
+        import httpx
+
         try:
             response = await http.post("/predict", json=self.payload(indices))
         except httpx.HTTPError as exc:
@@ -428,6 +430,8 @@ class _Window:
         self._cpu: dict[str, float] = {}
 
     async def _scrape(self) -> list[Sample]:
+        import httpx
+
         async with httpx.AsyncClient(timeout=5.0, trust_env=False) as client:
             try:
                 return parse_metrics((await client.get(self.harness.triton_metrics_url)).text)
@@ -459,6 +463,8 @@ class _Window:
 def _shape_batches(tensors: list[Tensor], size: int) -> list[tuple[Tensor, int]]:
     """(a)'s batches: one full batch per network shape, cycled from the images of that shape (no
     padding, so the floor stays a floor), with how many bench images have the shape."""
+    import numpy as np
+
     by_shape: dict[tuple[int, ...], list[Tensor]] = defaultdict(list)
     for tensor in tensors:
         by_shape[tensor.shape].append(tensor)
@@ -487,6 +493,8 @@ def _seed_model(weights: Path) -> Any:
 
 
 async def _measure(harness: Harness, detector: DetectorClient, bridge_url: str, bar: tqdm) -> None:
+    import httpx
+
     async with httpx.AsyncClient(base_url=bridge_url, timeout=300.0, trust_env=False) as http:
         bar.set_postfix_str("warm-up")
         await harness.warm_up(detector, http)
@@ -510,17 +518,34 @@ async def _measure(harness: Harness, detector: DetectorClient, bridge_url: str, 
 
 
 async def _load(url: str, repo: ModelRepository, model_name: str, timeout_s: float) -> ModelInfo:
+    from serving.client import DetectorClient
+    from serving.control import load_served_version
+
     async with DetectorClient(url, model_name, timeout_s=timeout_s) as client:
         return await load_served_version(client, repo)
 
 
 def run_bench(settings: Settings, plan: BenchPlan) -> dict[str, Any]:
     """Start Triton, the bridge and an image server, measure, stop them all; the report as a dict."""
+    from tqdm import tqdm
+
+    from labelloop.bench_backbone import BackboneBench, publish_demo_backbone
     from labelloop.bench_report import build_report
+    from labelloop.bench_rig import (
+        BridgeProcess,
+        ImageServer,
+        free_port,
+        machine_info,
+        private_repository,
+        render_images,
+    )
+    from serving.client import DetectorClient
+    from serving.launcher import TritonProcess
 
     started = time.perf_counter()
     load_before = os.getloadavg()
-    setup_steps = 6  # images, tritonserver, bridge, raw + seed, sampler, warm-up; the rounds follow
+    # images, backbone demo, tritonserver, bridge, raw + seed, sampler, warm-up; the rounds follow
+    setup_steps = 7
     with (
         tempfile.TemporaryDirectory(prefix="labelloop-bench-") as tmp,
         ExitStack() as stack,
@@ -532,6 +557,10 @@ def run_bench(settings: Settings, plan: BenchPlan) -> dict[str, Any]:
         precision = repo.card(settings.model_name, version).precision
         images = render_images(plan.images, plan.seed)
         server = stack.enter_context(ImageServer(images))
+        bar.update()
+
+        bar.set_postfix_str("backbone demo")
+        publish_s = publish_demo_backbone(settings, repo, root / "backbone")
         bar.update()
 
         bar.set_postfix_str("tritonserver")
@@ -581,9 +610,6 @@ def run_bench(settings: Settings, plan: BenchPlan) -> dict[str, Any]:
         )
         bar.update()
         assert bridge.pid is not None and triton.pid is not None
-        monitor = stack.enter_context(ProcessMonitor({"bridge": bridge.pid, "tritonserver": triton.pid}))
-        harness.monitor = monitor
-        bar.update()
 
         async def measure() -> None:
             concurrency = max(TRITON_CONCURRENCY[-1], settings.triton_concurrency)
@@ -592,7 +618,18 @@ def run_bench(settings: Settings, plan: BenchPlan) -> dict[str, Any]:
             ) as detector:
                 await _measure(harness, detector, bridge.url, bar)
 
-        asyncio.run(measure())
+        # The peaks close with the detector's rounds: the backbone loads into Triton after them.
+        with ProcessMonitor({"bridge": bridge.pid, "tritonserver": triton.pid}) as monitor:
+            harness.monitor = monitor
+            bar.update()
+            asyncio.run(measure())
+
+        bar.total += 1
+        bar.set_postfix_str("backbone: Triton vs raw onnxruntime")
+        backbone = BackboneBench(settings, plan, images, repo)
+        backbone.tally.publish_s = publish_s
+        asyncio.run(backbone.measure(triton.grpc_url, repo))
+        bar.update()
     return build_report(
         harness=harness,
         monitor=monitor,
@@ -600,6 +637,7 @@ def run_bench(settings: Settings, plan: BenchPlan) -> dict[str, Any]:
         version=version,
         precision=precision,
         duration_s=time.perf_counter() - started,
+        backbone=backbone.tally,
     )
 
 
@@ -621,7 +659,10 @@ def bench(
     images: Annotated[int | None, typer.Option(hidden=True, min=1, help="Bench images (tests).")] = None,
     rounds: Annotated[int | None, typer.Option(hidden=True, min=1, help="Rounds (tests).")] = None,
 ) -> None:
-    """Time raw onnxruntime, Triton, the bridge and the seed's ultralytics on the same images; print ratios."""
+    """Time raw onnxruntime, Triton, the bridge and the seed's ultralytics on the same images; print ratios.
+
+    Then the demo DINOv3 backbone: Triton against raw onnxruntime on the same ONNX at long sides 224 and 448.
+    """
     from labelloop.bench_report import render_markdown, write_png
 
     plan = QUICK if quick else FULL

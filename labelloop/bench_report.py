@@ -6,20 +6,22 @@ Ratios are taken within one run (the machines are noisy, ratios travel better th
 ``bridge_vs_raw_throughput``  images/s of (c) the bridge at 64 tasks per request ÷ the best images/s
                               of (a) raw onnxruntime (batch 1 or batch ``max_batch_size``).
 ``bridge_vs_seed_throughput`` images/s of (c) at 64 tasks per request ÷ images/s of (d) the seed.
+``backbone_triton_vs_raw_throughput`` the demo backbone's images/s through Triton (best concurrency)
+                              ÷ raw ``session.run``'s, at each long side; the lower of the two.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
-
-from core.settings import Settings
-from labelloop.bench_rig import BenchImage, BenchPlan, ProcessMonitor, Tally
-from serving.client import STAGES, ModelInfo
+if TYPE_CHECKING:
+    from core.settings import Settings
+    from labelloop.bench_rig import BackboneTally, BenchImage, BenchPlan, ProcessMonitor, Tally
+    from serving.client import ModelInfo
 
 __all__ = ["METHODS", "RATIO_DEFINITIONS", "TARGETS", "build_report", "render_markdown", "write_png"]
 
@@ -47,6 +49,9 @@ RATIO_DEFINITIONS: dict[str, str] = {
     "triton_vs_raw_throughput": "best images/s of (b) Triton (concurrency 1-8) ÷ best images/s of (a) raw",
     "bridge_vs_raw_p50": "p50 latency of (c) the bridge with a 1-task request ÷ p50 latency of (a)",
     "seed_vs_raw_p50": "p50 latency of (d) the seed ÷ p50 latency of (a)",
+    "backbone_triton_vs_raw_throughput": "the demo backbone: best images/s of Triton (FeaturesClient.embed of the "
+    "JPEG, concurrency 1 or 4) ÷ images/s of raw session.run on the tensor Triton builds, one image at a time; "
+    "the lower of long sides 224 and 448",
 }
 
 # name -> (comparison, bound); bridge_peak_rss_mb is not a ratio but is a target of the issue.
@@ -55,6 +60,15 @@ TARGETS: dict[str, tuple[str, float]] = {
     "bridge_vs_raw_throughput": (">=", 0.85),
     "bridge_vs_seed_throughput": (">=", 2.0),
     "bridge_peak_rss_mb": ("<", 300.0),
+    "backbone_triton_vs_raw_throughput": (">=", 0.9),
+}
+
+BACKBONE_METHODS: dict[str, str] = {
+    "raw": "(a) onnxruntime InferenceSession(served ONNX, default options).run on the float32 tensor the Triton "
+    "model builds (decode, resize, normalise outside the timer), one image at a time",
+    "pipeline": "(p) the same in the bench process with decode, resize and normalise inside the timer",
+    "triton": "(b) FeaturesClient.embed(JPEG bytes, long side) over gRPC: decode, EXIF, resize, normalise, "
+    "onnxruntime inside Triton's python model, fp16 tokens back",
 }
 
 _IN_MODEL = "the Triton model's own clock (STAGE_MS), lone requests"
@@ -72,6 +86,8 @@ _STAGE_SOURCES: list[tuple[str, str, str]] = [
 
 
 def _ms(samples: list[float]) -> dict[str, float]:
+    import numpy as np
+
     arr = np.asarray(samples) * 1e3
     return {
         "p50": round(float(np.percentile(arr, 50)), 3),
@@ -83,6 +99,8 @@ def _ms(samples: list[float]) -> dict[str, float]:
 
 
 def _stages(harness: Harness) -> list[dict[str, Any]]:
+    from serving.client import STAGES
+
     tally = harness.tally
     mean = {name: statistics.fmean(values) * 1e3 for name, values in tally.stages.items() if values}
     for stage, (seconds, count) in tally.bridge_stages.items():
@@ -162,6 +180,47 @@ def _conf0(harness: Harness) -> dict[str, Any]:
     }
 
 
+def _backbone_order(load: str) -> tuple[int, int]:
+    """raw, pipeline, then Triton by concurrency."""
+    return ({"raw": 0, "pipeline": 1}.get(load, 2), _load_order(load))
+
+
+def _backbone(tally: BackboneTally) -> dict[str, Any]:
+    """The backbone section: per long side, latency and throughput of each method, and Triton over raw."""
+    sides: dict[str, Any] = {}
+    for side in sorted({side for _, side in tally.work}):
+        throughput = {
+            load: round(images / seconds, 2)
+            for (load, s), (images, seconds) in sorted(tally.work.items(), key=lambda item: _backbone_order(item[0][0]))
+            if s == side and seconds > 0
+        }
+        latency = {m: _ms(tally.latency[(m, side)]) for m in BACKBONE_METHODS if tally.latency.get((m, side))}
+        best_triton = max((v for k, v in throughput.items() if k.startswith("triton")), default=0.0)
+        raw, pipeline = throughput.get("raw", 0.0), throughput.get("pipeline", 0.0)
+        tokens = tally.tokens.get(side) or [0]
+        sides[str(side)] = {
+            "tokens_per_image": round(statistics.fmean(tokens), 1),
+            "latency_ms": latency,
+            "throughput_images_per_s": throughput,
+            "triton_vs_raw_throughput": round(best_triton / raw, 3) if raw else None,
+            "triton_vs_pipeline_throughput": round(best_triton / pipeline, 3) if pipeline else None,
+            "triton_vs_raw_p50": (
+                round(latency["triton"]["p50"] / latency["raw"]["p50"], 3)
+                if "triton" in latency and "raw" in latency
+                else None
+            ),
+            "max_abs_diff_triton_vs_raw": tally.max_abs_diff.get(side),
+        }
+    return {
+        "model": tally.model,
+        "rounds": tally.rounds,
+        "publish_s": round(tally.publish_s, 1),
+        "measure_s": round(tally.measure_s, 1),
+        "methods": BACKBONE_METHODS,
+        "long_sides": sides,
+    }
+
+
 def _check(value: float, comparison: str, bound: float) -> bool:
     return {"<=": value <= bound, ">=": value >= bound, "<": value < bound}[comparison]
 
@@ -173,8 +232,12 @@ def build_report(
     version: int,
     precision: str,
     duration_s: float,
+    backbone: BackboneTally | None = None,
 ) -> dict[str, Any]:
-    """Everything the bench measured, JSON-ready, with the ratios and whether the targets hold."""
+    """Everything the bench measured, JSON-ready, with the ratios and whether the targets hold.
+
+    Without a ``backbone`` tally the report has no backbone section, ratio or target.
+    """
     tally, settings, info = harness.tally, harness.settings, harness.info
     latency = {m: _ms(tally.latency[m]) for m in METHODS}
     throughput: dict[str, dict[str, float]] = {m: {} for m in METHODS}
@@ -191,6 +254,11 @@ def build_report(
         "bridge_vs_raw_p50": latency["bridge"]["p50"] / latency["raw"]["p50"],
         "seed_vs_raw_p50": latency["seed"]["p50"] / latency["raw"]["p50"],
     }
+    backbone_section = _backbone(backbone) if backbone is not None else None
+    if backbone_section is not None:
+        per_side = [row["triton_vs_raw_throughput"] for row in backbone_section["long_sides"].values()]
+        if per_side and None not in per_side:
+            ratios["backbone_triton_vs_raw_throughput"] = min(per_side)
     ratios = {k: round(v, 3) for k, v in ratios.items()}
     peak = {
         "bridge": round(monitor.peak_mb["bridge"], 1),
@@ -201,6 +269,7 @@ def build_report(
     targets = {
         name: {"value": checked[name], "target": f"{cmp} {bound:g}", "met": _check(checked[name], cmp, bound)}
         for name, (cmp, bound) in TARGETS.items()
+        if name in checked
     }
     sides = [(i.width, i.height) for i in harness.images]
     return {
@@ -241,6 +310,7 @@ def build_report(
         "conf0": _conf0(harness),
         "fast_jpeg_decode": harness.jpeg_decode,
         "per_load": _per_load(harness, throughput),
+        **({"backbone": backbone_section} if backbone_section is not None else {}),
         "ratios": ratios,
         "ratio_definitions": RATIO_DEFINITIONS,
         "targets": targets,
@@ -326,6 +396,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 ["agreement of on with off (F1, same class, IoU >= 0.5)", jpeg["agreement_f1"], ""],
             ],
         )
+    lines += _backbone_tables(report.get("backbone"))
     peak = report["peak_rss_mb"]
     lines += _table(
         ["process", "peak RSS MB"],
@@ -340,6 +411,43 @@ def render_markdown(report: dict[str, Any]) -> str:
         ],
     )
     return "\n".join(lines)
+
+
+def _backbone_tables(section: dict[str, Any] | None) -> list[str]:
+    """The backbone's latency and throughput per long side, with Triton over raw."""
+    if not section:
+        return []
+    model = section["model"]
+    note = f", {model['note']}" if model.get("note") else ""
+    lines = [
+        f"Backbone: {model['name']} v{model['version']} ({model['arch']}{note}: {model.get('layers')} layers, "
+        f"hidden {model['hidden_size']}, patch {model['patch_size']}), {model.get('provider', '')}; "
+        f"built and published in {section['publish_s']:.0f} s, loaded and measured ({section['rounds']} rounds) "
+        f"in {section['measure_s']:.0f} s.",
+        "",
+    ]
+    names = {"raw": "(a) raw session.run", "pipeline": "(p) decode + resize + run, in-process", "triton": "(b) Triton"}
+    rows = []
+    for side, row in section["long_sides"].items():
+        for method, stats in row["latency_ms"].items():
+            rows.append(
+                [side, row["tokens_per_image"], names.get(method, method), _fmt(stats["p50"]), _fmt(stats["p95"])]
+            )
+    lines += _table(["long side", "tokens/image", "single image", "p50 ms", "p95 ms"], rows)
+    rows = []
+    for side, row in section["long_sides"].items():
+        loads = row["throughput_images_per_s"]
+        rows.append(
+            [
+                side,
+                *(_fmt(v) for v in loads.values()),
+                row["triton_vs_raw_throughput"],
+                row["triton_vs_pipeline_throughput"],
+            ]
+        )
+    loads = next(iter(section["long_sides"].values()))["throughput_images_per_s"] if section["long_sides"] else {}
+    lines += _table(["long side", *(f"{load} images/s" for load in loads), "Triton ÷ raw", "Triton ÷ pipeline"], rows)
+    return lines
 
 
 def _met(targets: dict[str, Any], name: str) -> str:
@@ -380,7 +488,7 @@ def write_png(report: dict[str, Any], path: Path) -> None:
     ax.tick_params(axis="y", labelsize=7)
 
     ax = axes[1][0]
-    stages = [r for r in report["stages_ms"] if np.isfinite(r["ms"])]
+    stages = [r for r in report["stages_ms"] if math.isfinite(r["ms"])]
     ax.barh([r["stage"] for r in stages], [r["ms"] for r in stages])
     ax.invert_yaxis()
     ax.set_xlabel("ms per image (mean)")

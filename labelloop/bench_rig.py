@@ -1,6 +1,8 @@
 """What ``labelloop bench`` runs against: its images, an image server, the bridge process, peak memory.
 
 Everything here binds to 127.0.0.1 and is stopped by its owner (context managers), also on Ctrl-C.
+Module-level imports stay light (``labelloop --help`` may load this module): httpx, numpy, psutil
+and the serving side load where they are used.
 """
 
 from __future__ import annotations
@@ -21,21 +23,20 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
-
-import httpx
-import numpy as np
-import psutil
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from core.errors import ConfigError, RepositoryError, TritonUnavailableError
-from core.processes import stop_group
 from core.settings import Settings
-from serving.publish import detector_config
-from serving.repository import ModelRepository
+
+if TYPE_CHECKING:
+    import psutil
+
+    from serving.repository import ModelRepository
 
 __all__ = [
     "FULL",
     "QUICK",
+    "BackboneTally",
     "BenchPlan",
     "Tally",
     "BenchImage",
@@ -90,6 +91,24 @@ class Tally:
     cpu_images: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
+@dataclass
+class BackboneTally:
+    """The backbone section's measurements, in seconds, keyed by long side, before they become a report."""
+
+    # What was measured: name, version, arch, patch and hidden size, layers, note, provider.
+    model: dict[str, Any] = field(default_factory=dict)
+    # (method, long side) -> per-image seconds; methods "raw", "pipeline", "triton"
+    latency: dict[tuple[str, int], list[float]] = field(default_factory=lambda: defaultdict(list))
+    # (method and load, long side) -> [images, seconds]
+    work: dict[tuple[str, int], list[float]] = field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0]))
+    # long side -> patch tokens per image, and the largest |Triton - raw| token difference seen
+    tokens: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
+    max_abs_diff: dict[int, float] = field(default_factory=dict)
+    publish_s: float = 0.0
+    measure_s: float = 0.0
+    rounds: int = 0
+
+
 @dataclass(frozen=True)
 class BenchImage:
     """One encoded bench image and where the image server serves it."""
@@ -102,6 +121,8 @@ class BenchImage:
 
 def render_images(n: int, seed: int) -> list[BenchImage]:
     """Seeded synthetic inspection images (224-640 px a side, the default model's domain), as JPEG."""
+    import numpy as np
+
     from trainer.synthetic import render_sample
 
     rng = np.random.default_rng(seed)
@@ -129,6 +150,9 @@ def private_repository(settings: Settings, dest: Path) -> tuple[ModelRepository,
     The user's repository is never touched; the tuning settings (instances, threads, batching) and
     this labelloop's Triton runtime (``model.py``) apply without publishing a version.
     """
+    from serving.publish import detector_config
+    from serving.repository import ModelRepository
+
     source = ModelRepository(settings.model_repository)
     name = settings.model_name
     version = source.latest(name)
@@ -164,6 +188,8 @@ def _cpu_model() -> str:
 
 def machine_info() -> dict[str, Any]:
     """The machine the figures belong to."""
+    import psutil
+
     return {
         "cpu_model": _cpu_model(),
         "cores_physical": psutil.cpu_count(logical=False),
@@ -297,6 +323,8 @@ class BridgeProcess:
 
     def wait_ready(self, timeout_s: float) -> None:
         """Wait until /health says UP (Triton answered a real inference through the bridge)."""
+        import httpx
+
         deadline = time.monotonic() + timeout_s
         with httpx.Client(base_url=self.url, timeout=2.0, trust_env=False) as client:
             while time.monotonic() < deadline:
@@ -312,6 +340,8 @@ class BridgeProcess:
 
     def stop(self) -> None:
         """SIGTERM (uvicorn shuts down gracefully), then SIGKILL; idempotent."""
+        from core.processes import stop_group
+
         proc, self._proc = self._proc, None
         if proc is not None:
             stop_group(proc, "the bridge", _BRIDGE_STOP_S)
@@ -333,11 +363,15 @@ class ProcessMonitor:
     """
 
     def __init__(self, pids: dict[str, int]) -> None:
+        import psutil
+
         self._roots = {name: psutil.Process(pid) for name, pid in pids.items()}
         self.peak_mb = dict.fromkeys(pids, 0.0)
         self.processes = dict.fromkeys(pids, 0)
 
     def _groups(self) -> dict[str, list[psutil.Process]]:
+        import psutil
+
         groups = {}
         for name, root in self._roots.items():
             try:
@@ -359,6 +393,8 @@ class ProcessMonitor:
         return int(proc.memory_info().rss)
 
     def _record(self) -> None:
+        import psutil
+
         for name, group in self._groups().items():
             total = 0
             for proc in group:
@@ -371,6 +407,8 @@ class ProcessMonitor:
 
     def cpu_seconds(self) -> dict[str, float]:
         """User + system CPU seconds so far: each group's root, its descendants, and this process."""
+        import psutil
+
         seconds: dict[str, float] = {}
         for name, group in self._groups().items():
             for role, procs in ((name, group[:1]), (f"{name} children", group[1:])):

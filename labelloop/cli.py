@@ -1,4 +1,8 @@
-"""The ``labelloop`` command: one Typer app that gathers each package's commands."""
+"""The ``labelloop`` command: one Typer app that gathers each package's commands.
+
+The command modules import their heavy parts (FastAPI, tritonclient, numpy, ultralytics, ...) inside
+the commands, so ``--help`` and ``status`` load none of them (tests/unit/test_cli_imports.py).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ import typer
 
 from core.console import fail
 from core.errors import LabelloopError
-from core.settings import load_settings, reference_markdown
 from labelloop import backbone_cli, bench, stack
 from ls_bridge import cli as bridge_cli
 from serving import cli as serving_cli
@@ -43,6 +46,8 @@ def config(
     reference: Annotated[bool, typer.Option("--reference", help="Print every setting as a markdown table.")] = False,
 ) -> None:
     """Print the effective settings (secrets masked), or the configuration reference."""
+    from core.settings import load_settings, reference_markdown
+
     if reference:
         typer.echo(reference_markdown(), nl=False)
         return

@@ -14,32 +14,28 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import httpx
 import typer
 
 from core.console import fail
-from core.credentials import BasicCredentials, bridge_credentials, credentials_path
 from core.errors import ConfigError, LabelloopError, LabelStudioError, TritonUnavailableError
 from core.processes import Daemon
-from core.settings import Settings, load_settings
-from core.studio import (
-    DEFECT_LABEL_CONFIG,
-    Credentials,
-    StudioAdmin,
-    label_studio_command,
-    label_studio_environment,
-    load_or_create_credentials,
-)
-from serving.client import ModelInfo, make_client
-from serving.repository import ModelRepository
+
+if TYPE_CHECKING:  # the commands import these when they run: `labelloop --help` stays fast
+    from core.credentials import BasicCredentials
+    from core.settings import Settings
+    from core.studio import Credentials
+    from serving.client import ModelInfo
 
 __all__ = ["app", "stack_status"]
 
@@ -56,12 +52,14 @@ class StackPaths:
     state: Path
 
     @property
-    def studio_data(self) -> Path:
-        return self.state / "label_studio"
+    def credentials(self) -> Path:
+        from core.studio import credentials_file
+
+        return credentials_file(self.state)
 
     @property
-    def credentials(self) -> Path:
-        return self.studio_data / "credentials.json"
+    def studio_data(self) -> Path:
+        return self.credentials.parent
 
     @property
     def stack_file(self) -> Path:
@@ -85,7 +83,21 @@ def _wait(what: str, probe: Callable[[], bool], daemon: Daemon | None, timeout_s
     raise LabelloopError(f"{what} not ready after {timeout_s:.0f}s" + (f"; see {daemon.log_path}" if daemon else ""))
 
 
+def _listening(address: str) -> bool:
+    """Whether something accepts TCP connections at ``host:port`` (no gRPC client needed to know it is down)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=2.0):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 def _triton_info(settings: Settings) -> ModelInfo | None:
+    if not _listening(settings.triton_url):
+        return None
+    from serving.client import make_client
+
     async def probe() -> ModelInfo | None:
         async with make_client(settings.model_copy(update={"triton_retries": 0, "triton_timeout_s": 5.0})) as c:
             try:
@@ -96,36 +108,57 @@ def _triton_info(settings: Settings) -> ModelInfo | None:
     return asyncio.run(probe())
 
 
-def _http_ok(
-    url: str,
-    expect: Callable[[httpx.Response], bool] = lambda r: r.status_code == 200,
-    auth: BasicCredentials | None = None,
-) -> bool:
-    basic = None if auth is None else httpx.BasicAuth(auth.user, auth.password.get_secret_value())
+def _get_json(url: str, auth: BasicCredentials | None = None, timeout_s: float = 2.0) -> tuple[int, Any] | None:
+    """GET one of our loopback daemons (no proxy): its HTTP status and JSON body (None if not JSON), or None if silent.
+
+    The standard library does it: `labelloop status` loads no HTTP client to learn that nothing runs.
+    """
+    headers = {} if auth is None else {"Authorization": auth.authorization}
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with httpx.Client(timeout=2.0, trust_env=False, auth=basic) as client:
-            return expect(client.get(url))
-    except httpx.HTTPError:
+        with opener.open(urllib.request.Request(url, headers=headers), timeout=timeout_s) as response:
+            status, body = int(response.status), response.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            status, body = exc.code, exc.read()
+    except (OSError, ValueError):  # URLError and timeouts are OSErrors
+        return None
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, None
+
+
+def _answers(url: str) -> bool:
+    answer = _get_json(url)
+    return answer is not None and answer[0] == 200
+
+
+def _bridge_up(url: str, auth: BasicCredentials | None) -> bool:
+    answer = _get_json(f"{url}/health", auth)
+    if answer is None:
         return False
-
-
-def _bridge_up(response: httpx.Response) -> bool:
-    if response.status_code == 401:
+    status, body = answer
+    if status == 401:
         # A bridge left running with other credentials never becomes ready for us: say so now.
         raise ConfigError(
-            f"the bridge at {response.url} refuses our basic-auth credentials (it runs with others): "
+            f"the bridge at {url} refuses our basic-auth credentials (it runs with others): "
             "run `labelloop down`, then `labelloop up` again"
         )
-    return response.status_code == 200 and response.json().get("status") == "UP"
+    return status == 200 and isinstance(body, dict) and body.get("status") == "UP"
 
 
 def bridge_auth(settings: Settings) -> BasicCredentials | None:
     """The pair the bridge checks (created and stored owner-only on first use); None with ``bridge_auth: none``."""
+    from core.credentials import bridge_credentials
+
     return None if settings.bridge_auth == "none" else bridge_credentials(settings)
 
 
 def ensure_model(settings: Settings) -> None:
     """Train and publish the default model when the repository has none (about 5-10 minutes on a CPU)."""
+    from serving.repository import ModelRepository
+
     if ModelRepository(settings.model_repository).latest(settings.model_name) is not None:
         return
     from trainer.pipeline import RunOptions, bootstrap
@@ -174,12 +207,14 @@ def _child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[
 
 
 def start_label_studio(settings: Settings, paths: StackPaths) -> Credentials:
+    from core.studio import label_studio_command, label_studio_environment, load_or_create_credentials, local_studio_url
+
     binary = settings.label_studio_venv / "bin" / "label-studio"
     if not binary.is_file():
         raise ConfigError(f"Label Studio is not installed at {binary}: run `make setup` (or use --no-label-studio)")
     creds = load_or_create_credentials(paths.credentials)
     daemon = Daemon(settings.state_dir, LABEL_STUDIO)
-    url = f"http://127.0.0.1:{settings.label_studio_port}"
+    url = local_studio_url(settings)
     if not daemon.running():
         document_root = paths.studio_data / "files"
         document_root.mkdir(parents=True, exist_ok=True)
@@ -190,7 +225,7 @@ def start_label_studio(settings: Settings, paths: StackPaths) -> Credentials:
             url=url,
         )
     typer.echo(f"==> waiting for Label Studio at {url} (the first start runs migrations: about a minute)")
-    _wait("Label Studio", lambda: _http_ok(f"{url}/health"), daemon, 300.0)
+    _wait("Label Studio", lambda: _answers(f"{url}/health"), daemon, 300.0)
     return creds
 
 
@@ -216,7 +251,7 @@ def start_bridge(settings: Settings, studio_url: str | None, token: str | None, 
             url=url,
         )
     typer.echo(f"==> waiting for the bridge at {url}")
-    _wait("the bridge", lambda: _http_ok(f"{url}/health", _bridge_up, auth), daemon, 60.0)
+    _wait("the bridge", lambda: _bridge_up(url, auth), daemon, 60.0)
     return url
 
 
@@ -260,8 +295,7 @@ def start_trainer(settings: Settings, studio_url: str, token: str, project_id: i
 
 def last_run(settings: Settings) -> dict[str, Any] | None:
     """The newest record of the trainer's history (``labelloop train``, the watcher, bootstrap), or None."""
-    from trainer.history import History
-    from trainer.pipeline import HISTORY_FILE, trainer_dir
+    from trainer.history import HISTORY_FILE, History, trainer_dir
 
     newest = deque(History(trainer_dir(settings) / HISTORY_FILE).records(), maxlen=1)
     return newest[0] if newest else None
@@ -269,6 +303,8 @@ def last_run(settings: Settings) -> dict[str, Any] | None:
 
 def stack_status(settings: Settings) -> dict[str, Any]:
     """The state of each part, as ``labelloop status --json`` prints it."""
+    from core.credentials import bridge_credentials
+
     paths = StackPaths(settings.state_dir)
     saved = json.loads(paths.stack_file.read_text()) if paths.stack_file.is_file() else {}
     info = _triton_info(settings.model_copy(update={"triton_url": saved.get("triton_url", settings.triton_url)}))
@@ -277,22 +313,19 @@ def stack_status(settings: Settings) -> dict[str, Any]:
     project_id = saved.get("project_id")
     connected = False
     if studio_url and project_id and paths.credentials.is_file():
-        admin = StudioAdmin(studio_url, load_or_create_credentials(paths.credentials).token)
-        try:
-            connected = any(b.get("url", "").rstrip("/") == bridge_url for b in admin.ml_backends(project_id))
-        except LabelStudioError:
-            connected = False
-        finally:
-            admin.close()
+        from core.studio import load_or_create_credentials  # with httpx: only when there is a project to ask about
+
+        token = load_or_create_credentials(paths.credentials).token
+        connected = asyncio.run(_bridge_connected(studio_url, token, project_id, bridge_url))
     auth = None if settings.bridge_auth == "none" else bridge_credentials(settings, create=False)
-    basic = None if auth is None else httpx.BasicAuth(auth.user, auth.password.get_secret_value())
+    answer = _get_json(f"{bridge_url}/health", auth, timeout_s=5.0)
     bridge_status = "DOWN"
-    try:
-        with httpx.Client(timeout=5.0, trust_env=False, auth=basic) as client:
-            response = client.get(f"{bridge_url}/health")
-        bridge_status = "UNAUTHORIZED" if response.status_code == 401 else str(response.json().get("status", "DOWN"))
-    except (httpx.HTTPError, ValueError):
-        pass
+    if answer is not None:
+        status, body = answer
+        if status == 401:
+            bridge_status = "UNAUTHORIZED"
+        elif isinstance(body, dict):
+            bridge_status = str(body.get("status", "DOWN"))
     return {
         "triton": {
             "url": saved.get("triton_url", settings.triton_url),
@@ -319,6 +352,31 @@ def stack_status(settings: Settings) -> dict[str, Any]:
             "last_run": _run_summary(last_run(settings)),
         },
     }
+
+
+async def _bridge_connected(studio_url: str, token: str, project_id: int, bridge_url: str) -> bool:
+    """Whether the project's model connection points at the bridge (False when Label Studio does not answer)."""
+    from core.studio import StudioClient
+
+    try:
+        async with StudioClient(studio_url, token) as studio:
+            return any(b.get("url", "").rstrip("/") == bridge_url for b in await studio.ml_backends(project_id))
+    except LabelStudioError:
+        return False
+
+
+async def _connect_project(
+    settings: Settings, studio_url: str, token: str, bridge_url: str, auth: BasicCredentials | None
+) -> int:
+    """The seed project, its model connection to the bridge and the webhook the trainer's events come by."""
+    from core.studio import DEFECT_LABEL_CONFIG, StudioClient
+
+    async with StudioClient(studio_url, token) as studio:
+        project_id = await studio.ensure_project(settings.project_title, DEFECT_LABEL_CONFIG)
+        await studio.ensure_ml_backend(project_id, bridge_url, auth)
+        # Label Studio's own webhook to the model carries no credentials: the trainer's events need them.
+        await studio.ensure_webhook(project_id, f"{bridge_url}/webhook", auth)
+    return project_id
 
 
 def _run_summary(record: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -356,6 +414,10 @@ def up(
     ] = False,
 ) -> None:
     """Start Triton, the bridge, Label Studio and the trainer watcher (training a default model first if none)."""
+    from core.credentials import credentials_path
+    from core.settings import load_settings
+    from core.studio import local_studio_url
+
     settings = load_settings(triton_url=triton_url)
     if triton_url is None:  # we start Triton: clients reach it where it listens
         client_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
@@ -377,17 +439,10 @@ def up(
             token = settings.label_studio_api_key.get_secret_value()
         if not no_label_studio:
             creds = start_label_studio(settings, paths)
-            studio_url, token = f"http://127.0.0.1:{settings.label_studio_port}", creds.token
+            studio_url, token = local_studio_url(settings), creds.token
         bridge_url = start_bridge(settings, studio_url, token, auth)
         if creds is not None and studio_url is not None:
-            admin = StudioAdmin(studio_url, creds.token)
-            try:
-                project_id = admin.ensure_project(settings.project_title, DEFECT_LABEL_CONFIG)
-                admin.ensure_ml_backend(project_id, bridge_url, auth)
-                # Label Studio's own webhook to the model carries no credentials: the trainer's events need them.
-                admin.ensure_webhook(project_id, f"{bridge_url}/webhook", auth)
-            finally:
-                admin.close()
+            project_id = asyncio.run(_connect_project(settings, studio_url, creds.token, bridge_url, auth))
         if not no_trainer and studio_url and token:
             start_trainer(settings, studio_url, token, project_id)
             watching = True
@@ -432,6 +487,8 @@ def up(
 @app.command()
 def down() -> None:
     """Stop what `labelloop up` started, and only that."""
+    from core.settings import load_settings
+
     settings = load_settings()
     for name in (TRAINER, BRIDGE, LABEL_STUDIO, TRITON):
         stopped = Daemon(settings.state_dir, name).stop()
@@ -442,6 +499,8 @@ def down() -> None:
 @app.command()
 def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """The state of Triton, the bridge, Label Studio and the trainer, with the last training run."""
+    from core.settings import load_settings
+
     try:
         state = stack_status(load_settings())
     except LabelloopError as exc:

@@ -1,22 +1,19 @@
-"""``labelloop bridge | prelabel``."""
+"""``labelloop bridge | prelabel``; each imports the server and its clients when it runs (a fast ``--help``)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-import uvicorn
 
 from core.console import fail
-from core.credentials import credentials_path
 from core.errors import ConfigError, LabelloopError
-from core.processes import port_in_use
-from core.settings import Settings, load_settings
-from ls_bridge.app import create_app
-from ls_bridge.prelabel import prelabel_project
+
+if TYPE_CHECKING:
+    from core.settings import Settings
 
 __all__ = ["app"]
 
@@ -29,6 +26,8 @@ ModelName = Annotated[str | None, typer.Option("--model", help="Detector name in
 
 def _log_auth(settings: Settings) -> None:
     """Say where the bridge's password is; never the password."""
+    from core.credentials import credentials_path
+
     if settings.bridge_auth == "none":
         return
     if settings.basic_auth_user:
@@ -47,6 +46,12 @@ def bridge(
     model: ModelName = None,
 ) -> None:
     """Run the Label Studio ML backend: pre-labels from Triton at /predict, events at /webhook."""
+    import uvicorn
+
+    from core.processes import port_in_use
+    from core.settings import load_settings
+    from ls_bridge.app import create_app
+
     try:
         settings = load_settings(bridge_port=port, bridge_host=host, triton_url=triton_url, model_name=model)
         if port_in_use(settings.bridge_host, settings.bridge_port):
@@ -65,12 +70,22 @@ def bridge(
 
 @app.command()
 def prelabel(
-    project: Annotated[int, typer.Option("--project", help="Label Studio project id.")],
+    project: Annotated[
+        int,
+        typer.Option(
+            "--project",
+            help="Label Studio project id: at LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY, "
+            "else the Label Studio `labelloop up` runs.",
+        ),
+    ],
     batch_size: Annotated[int | None, typer.Option(help="Tasks per page (default 64).")] = None,
     triton_url: TritonUrl = None,
     model: ModelName = None,
 ) -> None:
     """Pre-label every task of a project that lacks a prediction of the served model version."""
+    from core.settings import load_settings
+    from ls_bridge.prelabel import prelabel_project
+
     try:
         settings = load_settings(prelabel_batch_size=batch_size, triton_url=triton_url, model_name=model)
         report = asyncio.run(prelabel_project(settings, project))

@@ -12,13 +12,12 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from core.errors import ConfigError
-from core.fetch import ImageFetcher, make_auth
+from core.fetch import ImageFetcher
 from core.settings import Settings
+from core.studio import StudioClient, studio_settings
 from ls_bridge.metrics import BridgeMetrics
 from ls_bridge.predictor import Predictor
 from ls_bridge.schemas import Task
-from ls_bridge.studio_api import StudioAPI
 from serving.client import make_client
 
 __all__ = ["PrelabelReport", "prelabel_project"]
@@ -44,27 +43,30 @@ def _has_version(task: Task, model_version: str) -> bool:
 
 
 async def prelabel_project(settings: Settings, project_id: int, *, progress: bool = True) -> PrelabelReport:
-    """Predict every task of ``project_id`` that lacks a prediction of the served version."""
-    auth = make_auth(settings)
-    if auth is None or not settings.label_studio_url:
-        raise ConfigError("prelabel needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
-    fetcher = ImageFetcher(settings, auth)
+    """Predict every task of ``project_id`` that lacks a prediction of the served version.
+
+    Without a configured Label Studio, the one ``labelloop up`` runs (its stored admin token).
+    """
+    settings = studio_settings(settings, "prelabel")
+    api = StudioClient.from_settings(settings)
+    fetcher = ImageFetcher(settings, api.auth)
     try:
-        async with StudioAPI(settings.label_studio_url, auth) as api, make_client(settings) as detector:
+        async with api, make_client(settings) as detector:
             predictor = Predictor(settings, detector, fetcher, BridgeMetrics())
             project = await api.project(project_id)
             plan, info = await predictor.plan(str(project.get("label_config", "")))
             report = PrelabelReport(project_id=project_id, model_version=predictor.version_name(info.version))
             total = project.get("task_number")
             with tqdm(total=total, unit="task", desc=f"prelabel {report.model_version}", disable=not progress) as bar:
-                async for page in api.task_pages(project_id, settings.prelabel_batch_size):
+                async for raw in api.task_pages(project_id, settings.prelabel_batch_size):
+                    page = [Task.model_validate(t) for t in raw]
                     todo = [t for t in page if not _has_version(t, report.model_version)]
                     report.total += len(page)
                     report.skipped += len(page) - len(todo)
                     outcomes = await predictor.predict_tasks(todo, plan, info)
                     done = [(o.task_id, o.prediction) for o in outcomes if o.error is None]
                     if done:
-                        await api.import_predictions(project_id, done)
+                        await api.import_predictions(project_id, [{"task": i, **p.model_dump()} for i, p in done])
                     report.predicted += len(done)
                     report.failed += len(outcomes) - len(done)
                     report.regions += sum(len(p.result) for _, p in done)

@@ -1,4 +1,8 @@
-"""``labelloop serve | export | models | detect``."""
+"""``labelloop serve | export | models | detect``.
+
+Imports stay light at module level (``labelloop --help`` loads this module): gRPC, numpy, the
+Triton launcher and the repository load inside the commands that use them.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +11,18 @@ import json
 import logging
 import signal
 import threading
-from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from core.console import fail
 from core.errors import ConfigError, LabelloopError, RepositoryError
 from core.settings import Settings, load_settings
-from serving.client import DetectorClient, ImageDetections, ModelInfo, make_client
-from serving.control import load_served_version
-from serving.launcher import TritonProcess
-from serving.publish import detector_config, precision_summary, publish_weights
-from serving.repository import ModelCard, ModelRepository
-from serving.variants import write_ensemble_repository
+
+if TYPE_CHECKING:
+    from serving.client import ModelInfo
+    from serving.repository import ModelRepository
 
 __all__ = ["app"]
 
@@ -43,9 +44,17 @@ def serve(
     http: Annotated[
         bool | None, typer.Option("--http/--no-http", help="Open Triton's HTTP/REST endpoint (default: closed).")
     ] = None,
-    model: ModelName = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="A model that must be in the repository; listed first (default: none required)."),
+    ] = None,
 ) -> None:
-    """Run tritonserver in the foreground until Ctrl-C / SIGTERM; ready once a real inference passes."""
+    """Run tritonserver in the foreground until Ctrl-C / SIGTERM, serving every model in the repository.
+
+    Ready once each model's newest working version answers a real inference.
+    """
+    from serving.launcher import TritonProcess
+
     settings = load_settings(
         model_repository=model_repository,
         host=host,
@@ -70,11 +79,9 @@ def serve(
     try:
         process.start()
         process.wait_live(settings.triton_start_timeout_s)
-        info = asyncio.run(_load(settings.model_copy(update={"triton_url": process.grpc_url})))
-        typer.echo(
-            f"ready: {info.name} v{info.version} ({', '.join(info.classes)}; imgsz {info.imgsz[0]}; "
-            f"{info.provider}) on {process.grpc_url}; log {process.log_file}",
-        )
+        loaded = asyncio.run(_load(settings, process.grpc_url, required=model is not None))
+        for kind, info in loaded:
+            typer.echo(f"ready: {_describe(kind, info)} on {process.grpc_url}; log {process.log_file}")
         while not stop.wait(0.5):
             if process.poll() is not None:
                 raise fail(RepositoryError(f"tritonserver exited (code {process.poll()}); see {process.log_file}"))
@@ -84,9 +91,21 @@ def serve(
         process.stop()
 
 
-async def _load(settings: Settings) -> ModelInfo:
-    async with make_client(settings) as client:
-        return await load_served_version(client, ModelRepository(settings.model_repository))
+def _describe(kind: str, info: ModelInfo) -> str:
+    """``defect_detector v3 (a, b; imgsz 320; CPUExecutionProvider)``; kinds without classes show the kind."""
+    detail = f"{', '.join(info.classes)}; imgsz {info.imgsz[0]}" if info.classes else kind
+    return f"{info.name} v{info.version} ({detail}; {info.provider})"
+
+
+async def _load(settings: Settings, url: str, required: bool) -> list[tuple[str, ModelInfo]]:
+    """Every model of the repository loaded, ``model_name`` first (and required to be there when asked for)."""
+    from serving.control import load_repository
+    from serving.repository import ModelRepository
+
+    repo = ModelRepository(settings.model_repository)
+    first = settings.model_name
+    lead = first if required or first in repo.models() else None
+    return await load_repository(url, repo, lead, timeout_s=settings.triton_timeout_s, retries=settings.triton_retries)
 
 
 @app.command()
@@ -108,6 +127,9 @@ def export(
     ] = None,
 ) -> None:
     """Export weights to ONNX (INT8 with --precision int8) and publish them as the next model version."""
+    from serving.publish import precision_summary, publish_weights
+    from serving.repository import ModelCard, ModelRepository
+
     settings = load_settings(
         imgsz=imgsz, precision=precision, model_name=model, model_repository=model_repository, triton_url=triton_url
     )
@@ -143,6 +165,12 @@ def export_ensemble(
     model_repository: RepoOpt = None,
 ) -> None:
     """Write the onnxruntime variant (ensemble: python pre -> ONNX -> python post) of a version."""
+    from dataclasses import replace
+
+    from serving.publish import detector_config
+    from serving.repository import ModelRepository
+    from serving.variants import write_ensemble_repository
+
     settings = load_settings(model_name=model, model_repository=model_repository)
     cfg = replace(detector_config(settings), kind="KIND_GPU" if gpu else "KIND_CPU")
     try:
@@ -158,7 +186,9 @@ def models(
     model_repository: RepoOpt = None,
     triton_url: TritonUrl = None,
 ) -> None:
-    """List every model version in the repository, and which one Triton serves."""
+    """List every model version in the repository with its kind, and which one Triton serves."""
+    from serving.repository import ModelRepository
+
     settings = load_settings(model_repository=model_repository, triton_url=triton_url)
     repo = ModelRepository(settings.model_repository)
     rows = asyncio.run(_model_rows(settings, repo))
@@ -168,39 +198,65 @@ def models(
     if not rows:
         typer.echo(f"no models in {repo.root}")
     for row in rows:
-        mark = "*" if row["served"] else " "
-        map50 = row["metrics"].get("map50")
-        score = f" mAP50 {map50:.3f}" if isinstance(map50, (int, float)) else ""
-        typer.echo(
-            f"{mark} {row['name']} v{row['version']} {row['precision']} imgsz {row['imgsz']} {row['classes']}{score}"
-        )
+        typer.echo(_model_line(row))
+
+
+def _model_line(row: dict[str, Any]) -> str:
+    """One text line of ``labelloop models``: served mark, name, version, kind, then what the kind has."""
+    from core.kinds import KINDS
+
+    mark = "*" if row["served"] else " "
+    parts = [f"{mark} {row['name']} v{row['version']} {row['kind']}"]
+    if row.get("arch"):
+        parts.append(f"{row['arch']} patch {row['patch_size']} hidden {row['hidden_size']}")
+    else:
+        parts.append(f"{row['precision']} imgsz {row['imgsz']} {row['classes']}")
+    entry = KINDS.get(row["kind"])
+    metric = entry.metric if entry is not None else None
+    value = row["metrics"].get(metric) if metric else None
+    if isinstance(value, (int, float)):
+        parts.append(f"{_METRIC_NAMES.get(metric or '', metric)} {value:.3f}")
+    if row.get("note"):
+        parts.append(f"({row['note']})")
+    return " ".join(parts)
+
+
+_METRIC_NAMES = {"map50": "mAP50", "macro_f1": "macro-F1", "miou": "mIoU"}
+
+
+async def _served_versions(settings: Settings, names: list[str]) -> dict[str, list[int]]:
+    """READY versions per model on the configured Triton; none when nothing answers there."""
+    from serving.client import DetectorClient
+
+    served: dict[str, list[int]] = {}
+    for name in names:
+        async with DetectorClient(settings.triton_url, name, timeout_s=5.0, retries=0) as client:
+            if not await client.is_live():
+                return {}
+            served[name] = await client.ready_versions()
+    return served
 
 
 async def _model_rows(settings: Settings, repo: ModelRepository) -> list[dict[str, Any]]:
+    names = repo.models()
+    served = await _served_versions(settings, names)
     rows: list[dict[str, Any]] = []
-    for name in repo.models():
-        served: list[int] = []
-        async with DetectorClient(settings.triton_url, name, timeout_s=5.0, retries=0) as client:
-            if await client.is_live():
-                served = await client.ready_versions()
+    for name in names:
         for version in repo.versions(name):
+            row: dict[str, Any] = {"name": name, "version": version}
             try:
                 card = repo.card(name, version)
-                classes, imgsz, metrics, precision = card.classes, card.imgsz, card.metrics, card.precision
+                row |= {"kind": card.kind, "imgsz": card.imgsz, "precision": card.precision}
+                row |= {"classes": card.classes, "metrics": card.metrics, "note": card.note}
+                if card.arch is not None:
+                    row |= {"arch": card.arch, "patch_size": card.patch_size, "hidden_size": card.hidden_size}
+                    row["num_register_tokens"] = card.num_register_tokens
             except RepositoryError as exc:
-                classes, imgsz, metrics, precision = [], None, {"error": str(exc)}, None
-            rows.append(
-                {
-                    "name": name,
-                    "version": version,
-                    "served": version in served,
-                    "onnx": str(repo.onnx_path(name, version).resolve()),
-                    "imgsz": imgsz,
-                    "precision": precision,
-                    "classes": classes,
-                    "metrics": metrics,
-                }
-            )
+                row |= {"kind": repo.kind(name), "imgsz": None, "precision": None, "classes": []}
+                row |= {"metrics": {"error": str(exc)}, "note": ""}
+            row["served"] = version in served.get(name, [])
+            row["onnx"] = str(repo.onnx_path(name, version).resolve())
+            rows.append(row)
     return rows
 
 
@@ -236,6 +292,8 @@ def detect(
 
 
 async def _detect(settings: Settings, images: list[Path]) -> list[dict[str, Any]]:
+    from serving.client import ImageDetections, make_client
+
     async with make_client(settings) as client:
         await client.info()  # fail fast, once, when Triton is down rather than once per image
         blobs: list[bytes | None] = []

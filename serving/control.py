@@ -7,13 +7,16 @@ notice that a loaded python model cannot answer; both are handled here with real
 
 from __future__ import annotations
 
+import importlib
 import logging
+from typing import Any
 
-from core.errors import LabelloopError, PublishError, RepositoryError
+from core import kinds
+from core.errors import ConfigError, LabelloopError, PublishError, RepositoryError
 from serving.client import DetectorClient, ModelInfo, config_from_pbtxt
 from serving.repository import ModelRepository
 
-__all__ = ["activate_version", "load_served_version"]
+__all__ = ["activate_version", "kind_client", "load_repository", "load_served_version"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,3 +76,38 @@ async def activate_version(client: DetectorClient, repo: ModelRepository, versio
         raise PublishError(
             f"version {version} was not activated ({exc}); still serving version {restored.version}"
         ) from exc
+
+
+def kind_client(kind: str, url: str, model_name: str, **options: Any) -> DetectorClient:
+    """A client of one model, of the class its kind names (``Kind.client``): it knows how to probe the model."""
+    try:
+        entry = kinds.kind(kind)
+    except ConfigError as exc:
+        raise RepositoryError(f"{model_name}: {exc}") from exc
+    if entry.client is None:
+        raise RepositoryError(f"{model_name} is a {kind}, which labelloop cannot serve yet")
+    module, _, name = entry.client.rpartition(".")
+    factory = getattr(importlib.import_module(module), name)
+    client: DetectorClient = factory(url, model_name, **options)
+    return client
+
+
+async def load_repository(
+    url: str, repo: ModelRepository, first: str | None = None, **options: Any
+) -> list[tuple[str, ModelInfo]]:
+    """Load every model in ``repo`` (each its newest version that works), ``first`` first: (kind, info) each.
+
+    Every model must load: a model left unloaded would fail its users' requests later, and less clearly.
+    """
+    names = repo.models()
+    if first is not None:
+        names = [first, *(n for n in names if n != first)]
+    loaded = []
+    for name in names:
+        kind = repo.kind(name)
+        client = kind_client(kind, url, name, **options)
+        try:
+            loaded.append((kind, await load_served_version(client, repo)))
+        finally:
+            await client.close()
+    return loaded

@@ -17,11 +17,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from core.errors import RepositoryError
+from core import kinds
+from core.errors import ConfigError, RepositoryError
 from core.files import write_atomic
 from serving.pbtxt import DetectorConfig, render_python
 
@@ -40,20 +40,6 @@ logger = logging.getLogger(__name__)
 ONNX_FILE = "model.onnx"
 WEIGHTS_FILE = "weights.pt"
 CARD_FILE = "card.json"
-# Copied into every version folder, per model kind: (package, source file, name in the version);
-# Triton runs ``model.py`` and imports the others by their file names.
-_RUNTIME_FILES: dict[str, tuple[tuple[str, str, str], ...]] = {
-    "detector": (
-        ("serving.triton", "model.py", "model.py"),
-        ("serving.triton", "detector_ops.py", "detector_ops.py"),
-        ("core", "image_decode.py", "image_decode.py"),
-    ),
-    "backbone": (
-        ("serving.triton", "backbone_model.py", "model.py"),
-        ("serving.triton", "features_ops.py", "features_ops.py"),
-        ("core", "image_decode.py", "image_decode.py"),
-    ),
-}
 _SET_ASIDE_PREFIX = ".failed-"
 
 
@@ -140,6 +126,15 @@ class ModelRepository:
             raise RepositoryError(f"{name} version {version} has no {CARD_FILE}")
         return ModelCard.from_file(path)
 
+    def kind(self, name: str) -> str:
+        """The kind of a model: its newest readable card's (a model without one is a detector, as before kinds)."""
+        for version in reversed(self.versions(name)):
+            try:
+                return self.card(name, version).kind
+            except RepositoryError:
+                continue
+        return "detector"
+
     def onnx_path(self, name: str, version: int) -> Path:
         return self.version_dir(name, version) / ONNX_FILE
 
@@ -186,12 +181,13 @@ class ModelRepository:
             raise RepositoryError(f"no ONNX file at {onnx}")
         if not (self.model_dir(card.name) / "config.pbtxt").is_file():
             raise RepositoryError(f"model {card.name!r} has no config.pbtxt in {self.root}; write it first")
+        runtime = runtime_files(card.kind)
         with self._lock(card.name):
             version = (self.latest(card.name) or 0) + 1
             staging = self.model_dir(card.name) / f".staging-{uuid.uuid4().hex}"
             try:
                 staging.mkdir()
-                _write_runtime(staging, card.kind)
+                _write_files(staging, runtime)
                 shutil.copyfile(onnx, staging / ONNX_FILE)
                 if weights is not None:
                     shutil.copyfile(weights, staging / WEIGHTS_FILE)
@@ -217,7 +213,7 @@ class ModelRepository:
         """
         card = self.version_dir(name, version) / CARD_FILE
         kind = ModelCard.from_file(card).kind if card.is_file() else "detector"
-        _write_runtime(self.version_dir(name, version), kind)
+        _write_files(self.version_dir(name, version), runtime_files(kind))
 
     def set_aside(self, name: str, version: int, reason: str) -> Path:
         """Move a version out of Triton's sight (kept for inspection, never deleted)."""
@@ -232,14 +228,20 @@ class ModelRepository:
 
 
 def runtime_files(kind: str = "detector") -> dict[str, bytes]:
-    """The python-backend code every version folder of ``kind`` carries, by file name."""
-    if kind not in _RUNTIME_FILES:
-        raise RepositoryError(f"no Triton runtime for model kind {kind!r}; known: {', '.join(sorted(_RUNTIME_FILES))}")
-    return {dest: (resources.files(package) / src).read_bytes() for package, src, dest in _RUNTIME_FILES[kind]}
+    """The python-backend code every version folder of ``kind`` carries, by file name (from the kinds registry)."""
+    entry = kinds.KINDS.get(kind)
+    if entry is None or not entry.runtime:
+        served = sorted(k.name for k in kinds.KINDS.values() if k.runtime)
+        why = "" if entry is None else " (it has none yet)"
+        raise RepositoryError(f"no Triton runtime for model kind {kind!r}{why}; kinds with one: {', '.join(served)}")
+    try:
+        return {f.name: kinds.runtime_source(f.module).read_bytes() for f in entry.runtime}
+    except (ConfigError, OSError) as exc:
+        raise RepositoryError(f"the Triton runtime of kind {kind!r} cannot be read: {exc}") from exc
 
 
-def _write_runtime(folder: Path, kind: str = "detector") -> None:
-    for fname, data in runtime_files(kind).items():
+def _write_files(folder: Path, files: dict[str, bytes]) -> None:
+    for fname, data in files.items():
         (folder / fname).write_bytes(data)
 
 

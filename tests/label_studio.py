@@ -49,6 +49,12 @@ class LabelStudioAPI:
     def close(self) -> None:
         self.client.close()
 
+    def __enter__(self) -> LabelStudioAPI:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _json(self, response: httpx.Response) -> Any:
         if response.is_error:
             raise AssertionError(

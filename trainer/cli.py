@@ -1,7 +1,8 @@
 """``labelloop demo-data | bootstrap | train | promote | rollback`` and ``labelloop trainer watch``.
 
 Results go to stdout (a table, or one JSON document with ``--json``); progress, ultralytics'
-included, goes to stderr.
+included, goes to stderr. Each command imports what it runs (ultralytics, the pipeline) when it
+runs, so ``labelloop --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -14,20 +15,17 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from core.console import fail
 from core.errors import ConfigError, LabelloopError
-from core.settings import Settings, load_settings
-from serving.publish import precision_summary
-from trainer.dataset import summary_table
-from trainer.evaluate import EvalResult
-from trainer.pipeline import RunOptions, RunReport, bootstrap, run_training, watch
-from trainer.publish import promote, rollback
-from trainer.source import ExportSource, ProjectSource, Source
-from trainer.synthetic import write_dataset
+
+if TYPE_CHECKING:
+    from core.settings import Settings
+    from trainer.evaluate import EvalResult
+    from trainer.pipeline import RunReport
 
 __all__ = ["app", "group"]
 
@@ -76,6 +74,8 @@ def _progress_on_stderr() -> Iterator[None]:
 
 
 def _settings(**flags: Any) -> Settings:
+    from core.settings import load_settings
+
     try:
         return load_settings(**flags)
     except LabelloopError as exc:
@@ -89,6 +89,8 @@ def demo_data(
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same files.")] = 0,
 ) -> None:
     """Write a seeded synthetic defect dataset (dentado, concave, perforation) in YOLO format."""
+    from trainer.synthetic import write_dataset
+
     try:
         data_yaml = write_dataset(out, n=n, seed=seed)
     except ValueError as exc:
@@ -114,6 +116,9 @@ def bootstrap_command(
     as_json: AsJson = False,
 ) -> None:
     """Train the first model from scratch on synthetic demo data and publish it as version 1."""
+    from serving.publish import precision_summary
+    from trainer.pipeline import RunOptions, bootstrap
+
     settings = _settings(
         imgsz=imgsz, batch=batch, device=device, model_repository=model_repository, triton_url=triton_url
     )
@@ -147,7 +152,13 @@ def bootstrap_command(
 
 @app.command("train")
 def train_command(
-    project: Annotated[int | None, typer.Option(help="Label Studio project id (API path).")] = None,
+    project: Annotated[
+        int | None,
+        typer.Option(
+            help="Label Studio project id (API path): at LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY, "
+            "else the Label Studio `labelloop up` runs."
+        ),
+    ] = None,
     export: Annotated[Path | None, typer.Option(help="Label Studio YOLO export: zip or folder.")] = None,
     images: Annotated[Path | None, typer.Option(help="Folder with the export's images.")] = None,
     epochs: Epochs = None,
@@ -164,6 +175,9 @@ def train_command(
     as_json: AsJson = False,
 ) -> None:
     """Rebuild the dataset, evaluate the served model, fine-tune, decide by the rules, publish if better."""
+    from trainer.pipeline import RunOptions, run_training
+    from trainer.source import ExportSource, ProjectSource, Source
+
     source: Source
     if project is not None and export is None:
         source = ProjectSource(project)
@@ -199,6 +213,8 @@ def promote_command(
     triton_url: TritonUrl = None,
 ) -> None:
     """Serve VERSION again: its artefacts are re-published as a new version (nothing is rewritten)."""
+    from trainer.publish import promote
+
     settings = _settings(model_repository=model_repository, triton_url=triton_url)
     try:
         new, info = promote(settings, version)
@@ -217,6 +233,8 @@ def rollback_command(
     triton_url: TritonUrl = None,
 ) -> None:
     """Re-publish the previous version's artefacts as a NEW version; history is never rewritten."""
+    from trainer.publish import rollback
+
     settings = _settings(model_repository=model_repository, triton_url=triton_url)
     try:
         new, source, info = rollback(settings, to)
@@ -237,6 +255,8 @@ def watch_command(
     device: Device = None,
 ) -> None:
     """Train on the bridge's stored webhook events: START_TRAINING, or every N annotations (Ctrl-C stops)."""
+    from trainer.pipeline import RunOptions, watch
+
     settings = _settings(train_every_annotations=every, epochs=epochs, imgsz=imgsz, batch=batch, device=device)
     stop = threading.Event()
     if not once:
@@ -289,6 +309,9 @@ def _metrics_table(columns: list[tuple[str, EvalResult | None]]) -> str:
 
 def _run_text(report: RunReport) -> str:
     """The human summary of a run: dataset, both evaluations, and every number behind the decision."""
+    from serving.publish import precision_summary
+    from trainer.dataset import summary_table
+
     d = report.decision
     rules = d.rules
     served_name = f"served v{report.served_version}" if report.served_version is not None else "served (none)"

@@ -14,15 +14,23 @@ import os
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from trainer.rules import Decision
+if TYPE_CHECKING:  # `labelloop status` reads the history without the evaluation stack behind the rules
+    from core.settings import Settings
+    from trainer.rules import Decision
 
-__all__ = ["HOLDOUT_SET", "History"]
+__all__ = ["HISTORY_FILE", "HOLDOUT_SET", "History", "trainer_dir"]
 
 logger = logging.getLogger(__name__)
 
 HOLDOUT_SET = "holdout"
+HISTORY_FILE = "history.jsonl"
+
+
+def trainer_dir(settings: Settings) -> Path:
+    """The trainer's folder under the state folder (here so that `labelloop status` reads it without the pipeline)."""
+    return settings.state_dir / "trainer"
 
 
 class History:

@@ -30,7 +30,7 @@ from core.settings import Settings
 from serving.publish import build_model
 from trainer.dataset import HOLDOUT_DIR, Dataset, build_dataset
 from trainer.evaluate import EvalResult, evaluate
-from trainer.history import HOLDOUT_SET, History
+from trainer.history import HISTORY_FILE, HOLDOUT_SET, History, trainer_dir
 from trainer.publish import ServedModel, find_served, publish_candidate
 from trainer.rules import Decision, Rules, decide
 from trainer.source import ProjectSource, Source
@@ -52,15 +52,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = "train.lock"
-HISTORY_FILE = "history.jsonl"
 WATCH_STATE_FILE = "watch.json"
 _WATCH_RETRY_S = 300.0
 _ANNOTATION_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED"})
 _START_EVENT = "START_TRAINING"
-
-
-def trainer_dir(settings: Settings) -> Path:
-    return settings.state_dir / "trainer"
 
 
 @contextmanager

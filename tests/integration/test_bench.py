@@ -59,8 +59,24 @@ def test_bench_quick_writes_json_png_and_markdown(
     # Read after the seed's timed calls (ultralytics sets torch's threads when it builds its predictor).
     assert report["setup"]["seed_torch_threads"] >= 1
 
+    # The demo backbone, Triton against raw onnxruntime on the same ONNX at both long sides.
+    backbone = report["backbone"]
+    assert backbone["model"]["note"] == "random-init demo backbone" and backbone["model"]["arch"] == "dinov3_demo"
+    assert set(backbone["long_sides"]) == {"224", "448"}
+    for side, row in backbone["long_sides"].items():
+        loads = {"raw", "pipeline", "triton concurrency 1", "triton concurrency 4"}
+        assert set(row["throughput_images_per_s"]) == loads, side
+        assert all(v > 0 for v in row["throughput_images_per_s"].values()), side
+        assert set(row["latency_ms"]) == {"raw", "pipeline", "triton"} and row["latency_ms"]["raw"]["n"] >= 4, side
+        # Same ONNX, same pixels: the served tokens differ from raw onnxruntime's by fp16 rounding only.
+        assert 0 <= row["max_abs_diff_triton_vs_raw"] <= 1e-2, side
+    per_side = [row["triton_vs_raw_throughput"] for row in backbone["long_sides"].values()]
+    assert ratios["backbone_triton_vs_raw_throughput"] == pytest.approx(min(per_side), abs=1e-3)
+    assert "backbone_triton_vs_raw_throughput" in report["targets"]
+
     assert out["png"].read_bytes()[:8] == PNG_MAGIC
     markdown = out["markdown"].read_text()
     assert "| ratio | value | target | met |" in markdown
-    assert "| triton_vs_raw_p50 |" in markdown
+    assert "| triton_vs_raw_p50 |" in markdown and "| backbone_triton_vs_raw_throughput |" in markdown
+    assert "Backbone: dinov3 v1 (dinov3_demo, random-init demo backbone" in markdown
     assert markdown.strip() in result.stdout

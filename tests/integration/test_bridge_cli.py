@@ -76,7 +76,9 @@ def test_bridge_refuses_a_taken_port() -> None:
     assert f"error: bridge port 127.0.0.1:{port} is already in use" in result.stderr
 
 
-def test_prelabel_needs_label_studio() -> None:
-    result = CliRunner().invoke(app, ["prelabel", "--project", "1"])
+def test_prelabel_needs_label_studio(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["prelabel", "--project", "1"], env={"LABELLOOP_STATE_DIR": str(tmp_path)})
     assert result.exit_code == 1
-    assert "error: prelabel needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY" in result.stderr
+    assert "error: prelabel needs Label Studio's address and key: export LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY" in (
+        result.stderr
+    )

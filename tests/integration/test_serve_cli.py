@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -120,3 +123,95 @@ def test_missing_binary_or_stub_is_a_clear_error(monkeypatch: pytest.MonkeyPatch
         launcher.find_triton()
     with pytest.raises(ConfigError, match="does not exist"):
         launcher.TritonProcess(tmp_path / "nope", tmp_path).start()
+
+
+@pytest.fixture(scope="module")
+def demo_backbone_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository holding only the demo backbone (template: copy before mutating)."""
+    pytest.importorskip("transformers")
+    from core.settings import Settings
+    from trainer.backbone import publish_demo
+
+    base = tmp_path_factory.mktemp("backbone-repo")
+    settings = Settings(model_repository=base / "repo", state_dir=base / "state")  # type: ignore[call-arg]
+    publish_demo(settings, "dinov3")
+    return settings.model_repository
+
+
+def _serve(repo: Path, state: Path, *extra: str) -> tuple[subprocess.Popen[str], int]:
+    """``labelloop serve`` in a subprocess, killed after 180 s so that a missing ready line fails, not hangs."""
+    grpc = free_port()
+    env = dict(os.environ, LABELLOOP_STATE_DIR=str(state))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "labelloop", *_serve_args(repo, grpc, free_port(), free_port()), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    watchdog = threading.Timer(180, proc.kill)
+    watchdog.daemon = True
+    watchdog.start()
+    _WATCHDOGS[proc.pid] = watchdog
+    return proc, grpc
+
+
+_WATCHDOGS: dict[int, threading.Timer] = {}
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    _WATCHDOGS.pop(proc.pid).cancel()
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_serve_loads_every_model_and_models_lists_their_kinds(
+    model_repo: Path, demo_backbone_repo: Path, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo, repo)
+    shutil.copytree(demo_backbone_repo / "dinov3", repo / "dinov3")
+    proc, grpc = _serve(repo, tmp_path / "state")
+    try:
+        assert proc.stdout is not None
+        first, second = proc.stdout.readline(), proc.stdout.readline()
+        assert first.startswith("ready: defect_detector v1 (dentado, concave, perforation"), first
+        assert second.startswith("ready: dinov3 v1 (backbone; CPUExecutionProvider) on 127.0.0.1:"), second
+        args = ["models", "--model-repository", str(repo), "--triton-url", f"127.0.0.1:{grpc}"]
+        result = CliRunner().invoke(app, [*args, "--json"])
+        assert result.exit_code == 0, result.output
+        rows = {row["name"]: row for row in json.loads(result.stdout)}
+        assert {name: (row["kind"], row["version"], row["served"]) for name, row in rows.items()} == {
+            "defect_detector": ("detector", 1, True),
+            "dinov3": ("backbone", 1, True),
+        }
+        assert rows["dinov3"]["arch"] == "dinov3_demo" and rows["dinov3"]["note"] == "random-init demo backbone"
+        lines = CliRunner().invoke(app, args).stdout.splitlines()
+        assert lines[0].startswith("* defect_detector v1 detector fp32 imgsz ")
+        assert lines[1] == "* dinov3 v1 backbone dinov3_demo patch 16 hidden 192 (random-init demo backbone)"
+    finally:
+        _stop(proc)
+    assert proc.returncode == 0
+
+
+def test_a_repository_holding_only_a_backbone_serves(demo_backbone_repo: Path, tmp_path: Path) -> None:
+    proc, _ = _serve(demo_backbone_repo, tmp_path / "state")
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("ready: dinov3 v1 (backbone; CPUExecutionProvider)"), line
+    finally:
+        _stop(proc)
+    assert proc.returncode == 0
+    # A model asked for by name must be there.
+    proc, _ = _serve(demo_backbone_repo, tmp_path / "state2", "--model", "defect_detector")
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 1
+    assert "model 'defect_detector' has no versions" in stderr

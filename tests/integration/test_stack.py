@@ -24,6 +24,7 @@ import pytest
 from core.events import EventStore
 from core.settings import Settings
 from tests.conftest import ROOT, TEST_IMGSZ, free_port
+from tests.label_studio import LabelStudioAPI
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton, pytest.mark.label_studio]
 
@@ -74,15 +75,9 @@ class Stack:
         stored = json.loads((self.state / "bridge-auth.json").read_text())
         return stored["user"], stored["password"]
 
-    def studio(self) -> httpx.Client:
-        state = self.status()
-        token = self.credentials()["token"]
-        return httpx.Client(
-            base_url=str(state["label_studio"]["url"]),
-            headers={"Authorization": f"Token {token}"},
-            timeout=120,
-            trust_env=False,
-        )
+    def studio(self) -> LabelStudioAPI:
+        """The tests' Label Studio client, with the admin token `up` stored."""
+        return LabelStudioAPI(str(self.status()["label_studio"]["url"]), f"Token {self.credentials()['token']}")
 
 
 @pytest.fixture(scope="module")
@@ -165,9 +160,9 @@ def test_the_bridge_asks_for_the_credentials_up_generated(stack: Stack) -> None:
     # Label Studio connects with the pair, and its webhook to the bridge carries it.
     project = state["label_studio"]["project_id"]
     with stack.studio() as api:
-        (backend,) = api.get("/api/ml/", params={"project": project}).json()
+        (backend,) = api.ml_backends(project)
         assert backend["auth_method"] == "BASIC_AUTH" and backend["basic_auth_user"] == user
-        (hook,) = api.get("/api/webhooks/", params={"project": project}).json()
+        (hook,) = api.webhooks(project)
         assert hook["url"] == f"{url}/webhook"
         assert hook["headers"]["Authorization"].startswith("Basic ")
 
@@ -181,6 +176,16 @@ def test_second_up_reuses_everything(stack: Stack) -> None:
     assert "training the default detector" not in again.stdout
 
 
+def test_commands_after_up_find_its_label_studio_without_exports(stack: Stack) -> None:
+    """`prelabel` / `train --project` read the Label Studio `up` runs, with the token `up` stored."""
+    assert not any(k.startswith("LABEL_STUDIO_") for k in stack.env)
+    state = stack.status()
+    project, triton = state["label_studio"]["project_id"], str(state["triton"]["url"])
+    result = stack.run("prelabel", "--project", str(project), "--triton-url", triton)  # the test's own gRPC port
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"project {project}: 0 predicted"), result.stdout
+
+
 def test_browser_shows_prelabels_as_regions(stack: Stack, demo_dataset: Path) -> None:
     if CHROMIUM is None:
         pytest.skip("no Chromium on this machine (apt-get install chromium); browser check not run")
@@ -189,15 +194,10 @@ def test_browser_shows_prelabels_as_regions(stack: Stack, demo_dataset: Path) ->
     url, project = str(state["label_studio"]["url"]), state["label_studio"]["project_id"]
     creds = stack.credentials()
     images = sorted((demo_dataset.parent / "images" / "val").glob("*.jpg"))[:3]
-    with httpx.Client(base_url=url, headers={"Authorization": f"Token {creds['token']}"}, timeout=120) as api:
-        files = {f"file{i}": (p.name, p.read_bytes()) for i, p in enumerate(images)}
-        api.post(f"/api/projects/{project}/import", files=files).raise_for_status()
-        api.post(
-            "/api/dm/actions",
-            params={"id": "retrieve_tasks_predictions", "project": project},
-            json={"selectedItems": {"all": True, "excluded": []}},
-        ).raise_for_status()
-        tasks = api.get("/api/tasks/", params={"project": project, "fields": "all"}).json()["tasks"]
+    with stack.studio() as api:
+        api.import_files(project, images)
+        api.retrieve_predictions(project)
+        tasks = api.tasks(project)
     boxes = {t["id"]: len(t["predictions"][0]["result"]) for t in tasks if t["predictions"]}
     assert len(boxes) == len(images) and all(
         t["predictions"][0]["model_version"] == "defect_detector@v1" for t in tasks
@@ -237,24 +237,18 @@ def test_start_training_in_label_studio_trains_and_status_shows_the_decision(sta
     project = state["label_studio"]["project_id"]
     images = sorted((demo_dataset.parent / "images" / "val").glob("*.jpg"))[3:13]
     with stack.studio() as api:
-        files = {f"file{i}": (p.name, p.read_bytes()) for i, p in enumerate(images)}
-        api.post(f"/api/projects/{project}/import", files=files).raise_for_status()
-        api.post(
-            "/api/dm/actions",
-            params={"id": "retrieve_tasks_predictions", "project": project},
-            json={"selectedItems": {"all": True, "excluded": []}},
-        ).raise_for_status()
-        tasks = api.get("/api/tasks/", params={"project": project, "fields": "all"}).json()["tasks"]
+        api.import_files(project, images)
+        api.retrieve_predictions(project)
+        tasks = api.tasks(project)
         for task in tasks:  # the annotator accepts the pre-labels as they are
-            result = task["predictions"][0]["result"] if task["predictions"] else []
-            api.post(f"/api/tasks/{task['id']}/annotations/", json={"result": result}).raise_for_status()
+            api.create_annotation(task["id"], task["predictions"][0]["result"] if task["predictions"] else [])
         # Label Studio's webhook reached the bridge through basic auth: every annotation is stored.
         store = EventStore.for_settings(Settings(state_dir=stack.state))
         annotated = {e.task_id for e in store.since(0, actions={"ANNOTATION_CREATED"})}
         assert annotated == {t["id"] for t in tasks}
-        (backend,) = api.get("/api/ml/", params={"project": project}).json()
-        api.post(f"/api/ml/{backend['id']}/train").raise_for_status()
-        assert api.get(f"/api/ml/{backend['id']}").json()["readable_state"] != "Error"
+        (backend,) = api.ml_backends(project)
+        api.client.post(f"/api/ml/{backend['id']}/train").raise_for_status()
+        assert api.client.get(f"/api/ml/{backend['id']}").json()["readable_state"] != "Error"
     assert [e.project_id for e in store.since(0, actions={"START_TRAINING"})] == [project]
 
     deadline = time.monotonic() + 600

@@ -87,6 +87,16 @@ def test_dockerfiles_copy_what_exists() -> None:
     assert packages <= copied
 
 
+def test_the_bridge_image_installs_only_the_bridge_extra_which_has_no_model_runtime() -> None:
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {re.split(r"[\[<>=!~ ]", requirement, maxsplit=1)[0].lower() for requirement in extras["bridge"]}
+    runtimes = {"torch", "onnxruntime", "onnxruntime-gpu", "opencv-python", "nvidia-pytriton", "ultralytics"}
+    assert not names & (runtimes | {"label-studio-sdk", "transformers"})
+    installs = [line for line in (DEPLOY / "bridge.Dockerfile").read_text().splitlines() if "pip install" in line]
+    assert installs == ['RUN pip install --no-cache-dir ".[bridge]"']
+
+
 def test_the_bridge_image_runs_unprivileged_with_a_writable_state_folder() -> None:
     lines = [line.strip() for line in (DEPLOY / "bridge.Dockerfile").read_text().splitlines()]
     user = lines.index("USER nobody")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-HEAVY = ("cv2", "onnxruntime", "torch", "ultralytics")
+# Model runtimes, and label-studio-sdk with the pandas it pulls (the bridge parses label configs itself).
+HEAVY = ("cv2", "onnxruntime", "torch", "ultralytics", "label_studio_sdk", "pandas")
 
 
 def test_the_bridge_imports_no_model_runtime() -> None:

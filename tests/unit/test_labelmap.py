@@ -203,3 +203,25 @@ def test_an_export_of_a_mapped_project_is_mapped_by_its_label_config(tmp_path: P
     assert mapped.classes == ("concave", "dentado", "perforation", "Other")
     with pytest.raises(ConfigError, match="cannot read the label config"):
         ExportSource(export, label_config=tmp_path / "missing.xml").collect(Settings(), tmp_path / "c", CLASSES)
+
+
+def test_labels_in_nested_views_belong_to_their_control_and_filters_are_no_controls() -> None:
+    config = """<View><Image name="front" value="$front"/><Text name="notes" valueList="$lines"/>
+      <Filter name="find" toName="boxes"/>
+      <RectangleLabels name="boxes" toName="front,missing">
+        <View><Label value="Dent" alias="D"/><Label alias="Hole"/><Label background="red"/><Label value="D"/></View>
+      </RectangleLabels></View>"""
+    parsed = parse_label_config(config)
+    (control,) = parsed.controls
+    assert (control.name, control.to_names) == ("boxes", ("front", "missing"))
+    assert [o.name for o in control.objects] == ["front"], "a toName naming no object is left out"
+    assert [(label.value, label.alias) for label in control.labels] == [("D", None), ("Hole", "Hole")]
+    assert [(o.tag, o.value) for o in parsed.objects] == [("Image", "$front"), ("Text", "$lines")]
+
+
+def test_entity_declarations_are_refused() -> None:
+    bomb = """<?xml version="1.0"?><!DOCTYPE View [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;">]>
+    <View><Image name="image" value="$image"/><RectangleLabels name="r" toName="image"><Label value="&b;"/>
+    </RectangleLabels></View>"""
+    with pytest.raises(ConfigError, match="cannot be parsed: DOCTYPE and ENTITY declarations are not allowed"):
+        parse_label_config(bomb)

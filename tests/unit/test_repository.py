@@ -121,3 +121,22 @@ def test_the_precision_line_says_what_was_published_and_why() -> None:
     gate = {"agreement": 0.99234, "check_images": 32}
     assert precision_summary("int8", gate) == "int8 (agreement with fp32 0.992 on 32 images)"
     assert precision_summary("fp32", {"refused": "too few"}) == "fp32 (int8 refused: too few)"
+
+
+def test_a_card_of_a_kind_without_a_runtime_writes_nothing(repo: ModelRepository, tmp_path: Path) -> None:
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"onnx")
+    card = ModelCard(name="det", version=0, classes=["a"], imgsz=320, kind="segmenter")
+    with pytest.raises(RepositoryError, match="no Triton runtime for model kind 'segmenter'"):
+        repo.add_version(card, onnx)
+    assert sorted(p.name for p in repo.model_dir("det").iterdir() if not p.name.startswith(".lock")) == ["config.pbtxt"]
+
+
+def test_a_models_kind_is_its_newest_readable_cards(repo: ModelRepository, tmp_path: Path) -> None:
+    assert repo.kind("det") == "detector"  # no versions: as before kinds
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"onnx")
+    repo.write_config_text("feat", 'name: "feat"\n')
+    repo.add_version(ModelCard(name="feat", version=0, classes=[], imgsz=224, kind="backbone"), onnx)
+    (repo.version_dir("feat", 2)).mkdir()  # a version without a card (hand-made, or half-copied)
+    assert repo.kind("feat") == "backbone"
