@@ -22,6 +22,11 @@ from serving.repository import ModelCard
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".labelloop" / "test-cache"
 TEST_IMGSZ = 320
+# The INT8 gate's minimum in tests: the test model trains for minutes, so many of its detections sit
+# near ``conf`` and a small score shift flips them; its INT8 agreement measured 0.93-0.99 over
+# trainings. The tests check the gate passes a correct INT8 and refuses a broken one (0.0x); what the
+# default minimum (0.95) gives on a trained model is measured in docs/performance.md#int8.
+INT8_MIN_AGREEMENT = 0.9
 _ENV_PREFIXES = ("LABELLOOP_", "LABEL_STUDIO_", "BASIC_AUTH_")
 
 

@@ -111,6 +111,15 @@ def bootstrap_command(
     imgsz: Imgsz = None,
     device: Device = None,
     force: Annotated[bool, typer.Option(help="Publish even if the model already has versions.")] = False,
+    early_map50: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Publish the first epoch whose validation mAP50 reaches this at once, and go on training; "
+            "the full model follows if it is better (what `labelloop up` does).",
+        ),
+    ] = None,
     model_repository: RepoOpt = None,
     triton_url: TritonUrl = None,
     as_json: AsJson = False,
@@ -125,12 +134,22 @@ def bootstrap_command(
     options = RunOptions.from_settings(settings, epochs=epochs)
     try:
         with _progress_on_stderr():
-            report = bootstrap(settings, options, images=images, test_images=test_images, seed=seed, force=force)
+            report = bootstrap(
+                settings,
+                options,
+                images=images,
+                test_images=test_images,
+                seed=seed,
+                force=force,
+                early_map50=early_map50,
+            )
     except LabelloopError as exc:
         raise fail(exc) from exc
     if as_json:
         document = {
             "published_version": report.version,
+            "early_version": report.early_version,
+            "early_epoch": report.early_epoch,
             "served": report.served,
             "seconds": round(report.seconds, 1),
             "held_out": report.metrics.to_dict(),
@@ -141,6 +160,8 @@ def bootstrap_command(
         typer.echo(json.dumps(document, indent=2))
         return
     typer.echo(_metrics_table([("synthetic held-out", report.metrics)]))
+    if report.early_version is not None:
+        typer.echo(f"version {report.early_version} was published early, after epoch {report.early_epoch}")
     where = "served by Triton" if report.served else "Triton not running: served at its next start"
     precision = precision_summary(report.precision, report.quantization)
     typer.echo(

@@ -27,7 +27,8 @@ from typing import Any
 from core.errors import ConfigError, LabelloopError, TrainingError
 from core.files import write_json_atomic
 from core.settings import Settings
-from serving.publish import build_model
+from serving.client import ModelInfo
+from serving.publish import BuiltModel, build_model
 from trainer.dataset import HOLDOUT_DIR, Dataset, build_dataset
 from trainer.evaluate import EvalResult, evaluate
 from trainer.history import HISTORY_FILE, HOLDOUT_SET, History, trainer_dir
@@ -35,7 +36,7 @@ from trainer.publish import ServedModel, find_served, publish_candidate
 from trainer.rules import Decision, Rules, decide
 from trainer.source import ProjectSource, Source
 from trainer.synthetic import CLASSES, write_dataset
-from trainer.train import DEFAULT_MODEL_YAML, train_detector
+from trainer.train import DEFAULT_MODEL_YAML, EpochCheckpoint, snapshot_weights, train_detector
 
 __all__ = [
     "BootstrapReport",
@@ -329,7 +330,11 @@ def _held_out_classes(dataset: Dataset) -> list[str]:
 
 @dataclass(frozen=True)
 class BootstrapReport:
-    """The first model: where it came from, how good it is on held-out synthetic images, its version."""
+    """The first model: where it came from, how good it is on held-out synthetic images, its version.
+
+    ``version`` and ``metrics`` are the version served at the end; ``early_version`` is the one
+    published while training went on, when there was one.
+    """
 
     version: int
     served: bool
@@ -338,6 +343,118 @@ class BootstrapReport:
     train_args: dict[str, Any]
     precision: str = "fp32"
     quantization: dict[str, Any] = field(default_factory=dict)
+    early_version: int | None = None
+    early_epoch: int | None = None
+
+
+BOOTSTRAP_PROGRESS = "progress.json"
+
+
+@dataclass(frozen=True)
+class _Early:
+    """The version a bootstrap published while it went on training."""
+
+    version: int
+    epoch: int
+    built: BuiltModel
+    metrics: EvalResult
+
+
+@dataclass
+class _Bootstrap:
+    """One bootstrap run: judge a checkpoint on the held-out images, publish it, record it, report progress."""
+
+    settings: Settings
+    options: RunOptions
+    folder: Path  # <state>/trainer/bootstrap/runs/<time>
+    data_yaml: Path
+    combined: Path
+    dataset_hash: str
+    test_images: int
+    early_map50: float | None
+    early: _Early | None = None
+
+    def progress(self, **fields: Any) -> None:
+        """What ``labelloop up`` shows while it waits (``<state>/trainer/bootstrap/progress.json``)."""
+        current = self.folder.parent.parent / BOOTSTRAP_PROGRESS
+        data = json.loads(current.read_text(encoding="utf-8")) if current.is_file() else {}
+        write_json_atomic(current, {**data, **fields})
+
+    def judge(self, weights: Path, folder: Path) -> tuple[BuiltModel, EvalResult]:
+        built = build_model(
+            self.settings, weights, self.options.imgsz, folder / "candidate", _images(self.data_yaml.parent)
+        )
+        metrics = evaluate(
+            built.onnx, self.combined, self.options.imgsz, device=self.options.device, run_dir=folder / "eval"
+        )
+        return built, metrics
+
+    def publish(
+        self,
+        weights: Path,
+        built: BuiltModel,
+        metrics: EvalResult,
+        train_args: dict[str, Any],
+        *,
+        note: str,
+        record: dict[str, Any],
+    ) -> tuple[int, ModelInfo | None]:
+        version, info = publish_candidate(
+            self.settings,
+            built,
+            weights,
+            imgsz=self.options.imgsz,
+            metrics={"set": "synthetic-held-out", "images": self.test_images, **_metrics(metrics)},
+            dataset_hash=self.dataset_hash,
+            parent_version=None if self.early is None else self.early.version,
+            classes=list(CLASSES),
+            train_args=train_args,
+            note=note,
+        )
+        History(trainer_dir(self.settings) / HISTORY_FILE).append(
+            {
+                "kind": "bootstrap",
+                "set": "synthetic-held-out",
+                "candidate": _metrics(metrics),
+                "published_version": version,
+                **record,
+            }
+        )
+        self.progress(published_version=version)
+        return version, info
+
+    def on_checkpoint(self, point: EpochCheckpoint) -> None:
+        """Publish the first good enough epoch at once, so pre-labels start while training goes on."""
+        self.progress(epoch=point.epoch, epochs=point.epochs, val_map50=round(point.val_map50, 4))
+        logger.info("epoch %d/%d: validation mAP50 %.3f", point.epoch, point.epochs, point.val_map50)
+        wanted = self.early_map50 is not None and point.val_map50 >= self.early_map50
+        if self.early is not None or not wanted or point.epoch >= point.epochs:
+            return
+        folder = self.folder / "early" / f"epoch{point.epoch}"
+        folder.mkdir(parents=True, exist_ok=True)
+        rules = Rules.from_settings(self.settings)
+        try:
+            weights = snapshot_weights(point.weights, folder / "weights.pt")
+            built, metrics = self.judge(weights, folder)
+            if metrics.map50 < rules.retrain_below_map50:
+                logger.info(
+                    "epoch %d: held-out mAP50 %.3f is under %.2f: not published early",
+                    point.epoch,
+                    metrics.map50,
+                    rules.retrain_below_map50,
+                )
+                return
+            args = {**self.options.train_kwargs(), "epochs_trained": point.epoch}
+            note = (
+                f"labelloop bootstrap, published early: epoch {point.epoch} of {point.epochs} "
+                "(training went on; the full model follows if it is better)"
+            )
+            version, _ = self.publish(weights, built, metrics, args, note=note, record={"epoch": point.epoch})
+        except LabelloopError as exc:  # training goes on: the full model is published at the end
+            logger.warning("epoch %d not published early: %s", point.epoch, exc)
+            return
+        self.early = _Early(version, point.epoch, built, metrics)
+        logger.info("version %d published early (held-out mAP50 %.3f); training goes on", version, metrics.map50)
 
 
 def bootstrap(
@@ -348,8 +465,14 @@ def bootstrap(
     test_images: int = 60,
     seed: int = 0,
     force: bool = False,
+    early_map50: float | None = None,
 ) -> BootstrapReport:
-    """Train the first detector from scratch on synthetic demo data and publish it (version 1)."""
+    """Train the first detector from scratch on synthetic demo data and publish it (version 1).
+
+    With ``early_map50``, the first epoch whose validation mAP50 reaches it, and whose held-out
+    mAP50 clears the re-train threshold, is published at once: the stack pre-labels minutes sooner.
+    The fully trained model then follows as the next version when the deploy rule says it is better.
+    """
     from serving.repository import ModelRepository
 
     started = time.monotonic()
@@ -362,6 +485,7 @@ def bootstrap(
         )
     folder = trainer_dir(settings) / "bootstrap"
     with training_lock(trainer_dir(settings)):
+        (folder / BOOTSTRAP_PROGRESS).unlink(missing_ok=True)
         data_yaml = write_dataset(folder / "data", n=images, seed=seed)
         # held-out images come from another seed: never seen in training, same distribution
         held_out = write_dataset(folder / "held-out", n=test_images, seed=seed + 1).parent
@@ -370,43 +494,57 @@ def bootstrap(
         combined.write_text(data_yaml.read_text(encoding="utf-8") + f"test: {json.dumps(test)}\n", encoding="utf-8")
 
         run_dir = folder / "runs" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        run = _Bootstrap(
+            settings,
+            options,
+            run_dir,
+            data_yaml,
+            combined,
+            f"synthetic:n={images},seed={seed}",
+            test_images,
+            early_map50,
+        )
+        run.progress(epoch=0, epochs=options.epochs)
         result = train_detector(
             combined,
             run_dir / "train",
             model_yaml=DEFAULT_MODEL_YAML,
+            on_checkpoint=run.on_checkpoint,
             **options.train_kwargs(),
         )
-        built = build_model(settings, result.best, options.imgsz, run_dir / "candidate", _images(data_yaml.parent))
-        metrics = evaluate(built.onnx, combined, options.imgsz, device=options.device, run_dir=run_dir / "eval")
+        built, metrics = run.judge(result.best, run_dir)
         train_args = {k: v for k, v in result.args.items() if k not in ("project", "name", "data")}
-        version, info = publish_candidate(
-            settings,
-            built,
-            result.best,
-            imgsz=options.imgsz,
-            metrics={"set": "synthetic-held-out", "images": test_images, **_metrics(metrics)},
-            dataset_hash=f"synthetic:n={images},seed={seed}",
-            parent_version=None,
-            classes=list(CLASSES),
-            train_args=train_args,
-            note="labelloop bootstrap: trained from scratch on synthetic demo data",
-        )
-        History(trainer_dir(settings) / HISTORY_FILE).append(
-            {
-                "kind": "bootstrap",
-                "set": "synthetic-held-out",
-                "candidate": _metrics(metrics),
-                "published_version": version,
-            }
-        )
+        note = "labelloop bootstrap: trained from scratch on synthetic demo data"
+        early = run.early
+        if early is None:
+            version, info = run.publish(result.best, built, metrics, train_args, note=note, record={})
+            served = info is not None
+        else:
+            decision = decide(metrics, early.metrics, None, Rules.from_settings(settings))
+            record = {"decision": decision.to_dict()}
+            if decision.deploy:
+                version, info = run.publish(result.best, built, metrics, train_args, note=note, record=record)
+                served = info is not None
+            else:
+                logger.info("the fully trained model is not better than version %d by the deploy rule", early.version)
+                history = History(trainer_dir(settings) / HISTORY_FILE)
+                history.append(
+                    {"kind": "bootstrap", "candidate": _metrics(metrics), "published_version": None, **record}
+                )
+                now = find_served(settings)
+                version, built, metrics = early.version, early.built, early.metrics
+                served = now is not None and now.live and now.version == early.version
+        run.progress(done=True, published_version=version)
     return BootstrapReport(
         version,
-        info is not None,
+        served,
         metrics,
         time.monotonic() - started,
         train_args,
         built.precision,
         dict(built.quantization),
+        None if early is None else early.version,
+        None if early is None else early.epoch,
     )
 
 

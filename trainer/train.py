@@ -7,7 +7,7 @@ model YAML (random weights: nothing is downloaded, so this works air-gapped).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +16,15 @@ from typing import Any
 from core.errors import TrainingError
 from serving.export import configure_ultralytics_offline
 
-__all__ = ["DEFAULT_MODEL_YAML", "TrainResult", "map_ultralytics_errors", "pick_device", "train_detector"]
+__all__ = [
+    "DEFAULT_MODEL_YAML",
+    "EpochCheckpoint",
+    "TrainResult",
+    "map_ultralytics_errors",
+    "pick_device",
+    "snapshot_weights",
+    "train_detector",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +38,38 @@ class TrainResult:
     best: Path
     run_dir: Path
     args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EpochCheckpoint:
+    """The checkpoint of an epoch in progress and its validation mAP50: what an early publish looks at."""
+
+    epoch: int  # 1-based
+    epochs: int
+    val_map50: float
+    weights: Path  # ultralytics' last.pt, overwritten next epoch: ``snapshot_weights`` keeps it
+
+
+def snapshot_weights(weights: Path, out: Path) -> Path:
+    """A copy of a training checkpoint without its optimizer state: a third of the size, loadable as weights."""
+    from ultralytics.utils.torch_utils import strip_optimizer
+
+    with map_ultralytics_errors(f"saving {weights.name}"):
+        strip_optimizer(weights, s=str(out))
+    if not out.is_file():
+        raise TrainingError(f"{weights} is not an ultralytics checkpoint")
+    return out
+
+
+def _on_model_save(callback: Callable[[EpochCheckpoint], None]) -> Callable[[Any], None]:
+    """An ultralytics callback that hands each validated epoch's checkpoint to ``callback``."""
+
+    def run(trainer: Any) -> None:
+        map50 = trainer.metrics.get("metrics/mAP50(B)") if isinstance(trainer.metrics, dict) else None
+        if map50 is not None and Path(trainer.last).is_file():
+            callback(EpochCheckpoint(trainer.epoch + 1, trainer.epochs, float(map50), Path(trainer.last)))
+
+    return run
 
 
 @contextmanager
@@ -65,10 +105,12 @@ def train_detector(
     lr0: float | None = None,
     seed: int = 0,
     overrides: dict[str, Any] | None = None,
+    on_checkpoint: Callable[[EpochCheckpoint], None] | None = None,
 ) -> TrainResult:
     """Train (from ``base`` weights, or from scratch) and return the best checkpoint.
 
     The optimizer is named explicitly: with ``optimizer="auto"`` ultralytics ignores ``lr0``.
+    ``on_checkpoint`` sees every validated epoch as it is saved; training waits for it.
     """
     configure_ultralytics_offline(run_dir.parent / "ultralytics")
     from ultralytics import YOLO
@@ -104,6 +146,8 @@ def train_detector(
     logger.info("training from %s: %s", start, {k: v for k, v in args.items() if k != "data"})
     with map_ultralytics_errors("training"):
         model = YOLO(start)
+        if on_checkpoint is not None:
+            model.add_callback("on_model_save", _on_model_save(on_checkpoint))
         model.train(**args)
         best = Path(model.trainer.best)
     if not best.is_file():

@@ -24,6 +24,17 @@ from tests.conftest import free_port
 from tests.label_studio import LABEL_STUDIO_BIN, LabelStudioServer
 
 BOX_TOLERANCE_PX = 1e-3
+# Every route the bridge serves: each must refuse a caller without credentials.
+ROUTES = [
+    ("GET", "/health"),
+    ("POST", "/setup"),
+    ("POST", "/predict"),
+    ("POST", "/webhook"),
+    ("GET", "/metrics"),
+    ("GET", "/docs"),
+    ("GET", "/redoc"),
+    ("GET", "/openapi.json"),
+]
 
 
 def assert_regions_match(result: list[dict[str, Any]], width: int, height: int, boxes: list[dict[str, Any]]) -> None:

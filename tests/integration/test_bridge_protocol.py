@@ -23,7 +23,7 @@ from serving.client import ImageDetections, make_client
 from serving.control import activate_version
 from serving.repository import ModelCard, ModelRepository
 from tests.conftest import TritonHandle, free_port
-from tests.integration.conftest import BridgeServer, ImageServer, assert_regions_match
+from tests.integration.conftest import ROUTES, BridgeServer, ImageServer, assert_regions_match
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton]
 
@@ -327,16 +327,7 @@ def test_basic_auth_guards_every_route(
     )
     bridge = bridge_factory(settings)
     with bridge.client(auth=None) as client:
-        for method, path in [
-            ("GET", "/health"),
-            ("POST", "/setup"),
-            ("POST", "/predict"),
-            ("POST", "/webhook"),
-            ("GET", "/metrics"),
-            ("GET", "/docs"),
-            ("GET", "/redoc"),
-            ("GET", "/openapi.json"),
-        ]:
+        for method, path in ROUTES:
             anonymous = client.request(method, path, json={})
             assert anonymous.status_code == 401, path
             assert anonymous.headers["www-authenticate"] == 'Basic realm="labelloop-bridge"'

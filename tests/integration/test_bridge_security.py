@@ -20,20 +20,9 @@ from core.events import EventStore
 from core.settings import Settings
 from core.studio import DEFECT_LABEL_CONFIG
 from tests.conftest import free_port
-from tests.integration.conftest import BridgeServer
+from tests.integration.conftest import ROUTES, BridgeServer
 
 BridgeFactory = Callable[[Settings], BridgeServer]
-
-ROUTES = [
-    ("GET", "/health"),
-    ("POST", "/setup"),
-    ("POST", "/predict"),
-    ("POST", "/webhook"),
-    ("GET", "/metrics"),
-    ("GET", "/docs"),
-    ("GET", "/redoc"),
-    ("GET", "/openapi.json"),
-]
 
 
 def _settings(tmp_path: Path, **extra: Any) -> Settings:

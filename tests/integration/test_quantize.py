@@ -17,12 +17,17 @@ from labelloop.cli import app
 from serving.client import Detection, make_client
 from serving.publish import build_model
 from serving.repository import ModelRepository
-from tests.conftest import TEST_IMGSZ, TritonHandle, make_settings, start_triton
+from tests.conftest import INT8_MIN_AGREEMENT, TEST_IMGSZ, TritonHandle, make_settings, start_triton
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton]
 
 OPTIONS = quantize.QuantizeOptions(
-    min_agreement=0.95, conf=0.25, iou=0.7, max_image_bytes=50_000_000, max_image_pixels=60_000_000, rect=True
+    min_agreement=INT8_MIN_AGREEMENT,
+    conf=0.25,
+    iou=0.7,
+    max_image_bytes=50_000_000,
+    max_image_pixels=60_000_000,
+    rect=True,
 )
 
 
@@ -60,7 +65,7 @@ def test_the_gate_passes_int8_and_refuses_a_quantized_head(
     assert {p.key: p.value for p in model.metadata_props} == {
         p.key: p.value for p in onnx.load(str(src)).metadata_props
     }
-    assert 0.95 <= result.agreement < 1.0  # close to FP32, and really a different model
+    assert INT8_MIN_AGREEMENT <= result.agreement < 1.0  # close to FP32, and really a different model
     assert result.check_images == len(check) and result.fp32_detections == same.reference_detections
 
     # Quantizing the head's tail too (one scale for pixels and scores) leaves no detection standing.
@@ -73,7 +78,9 @@ def test_the_gate_passes_int8_and_refuses_a_quantized_head(
 def test_a_refused_int8_publishes_fp32_and_says_why(
     trained_weights: Path, demo_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = make_settings(tmp_path / "repo", tmp_path / "state", precision="int8")
+    settings = make_settings(
+        tmp_path / "repo", tmp_path / "state", precision="int8", int8_min_agreement=INT8_MIN_AGREEMENT
+    )
     with pytest.raises(ConfigError, match="needs images from the model's domain"):
         build_model(settings, trained_weights, TEST_IMGSZ, tmp_path / "none", [tmp_path / "notes.txt"])
 
@@ -110,7 +117,7 @@ def test_export_int8_is_served_by_triton_with_fp32_detections(
         (folder / image.name).write_bytes(image.read_bytes())
     repo = tmp_path / "repo"
     argv = ["export", str(trained_weights), "--imgsz", str(TEST_IMGSZ), "--model-repository", str(repo)]
-    runner = CliRunner()
+    runner = CliRunner(env={"LABELLOOP_INT8_MIN_AGREEMENT": str(INT8_MIN_AGREEMENT)})
     missing = runner.invoke(app, [*argv, "--precision", "int8", "--no-load"])
     assert missing.exit_code == 1 and "--calibration" in missing.output
     needless = runner.invoke(app, [*argv, "--calibration", str(folder), "--no-load"])
@@ -119,7 +126,7 @@ def test_export_int8_is_served_by_triton_with_fp32_detections(
     assert result.exit_code == 0, result.output
     assert "version 1, int8 (agreement with fp32" in result.output
     card = ModelRepository(repo).card("defect_detector", 1)
-    assert card.precision == "int8" and card.quantization["agreement"] >= 0.95
+    assert card.precision == "int8" and card.quantization["agreement"] >= INT8_MIN_AGREEMENT
     assert (card.quantization["calibration_images"], card.quantization["check_images"]) == (24, 8)  # 3 in 4
     assert card.quantization["fp32_detections"] >= quantize.MIN_DETECTIONS
 

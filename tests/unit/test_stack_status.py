@@ -46,7 +46,12 @@ def test_status_without_runs_says_so(env: dict[str, str]) -> None:
     result = CliRunner().invoke(app, ["status", "--json"], env=env)
     assert result.exit_code == 0, result.output
     state = json.loads(result.stdout)
-    assert state["trainer"] == {"watching": False, "train_every_annotations": 50, "last_run": None}
+    assert state["trainer"] == {
+        "watching": False,
+        "bootstrapping": False,
+        "train_every_annotations": 50,
+        "last_run": None,
+    }
     assert state["bridge"]["status"] == "DOWN" and state["bridge"]["auth"] == "basic"
     text = CliRunner().invoke(app, ["status"], env=env).stdout
     assert "trainer       not watching" in text and "last run      none yet" in text
