@@ -529,7 +529,13 @@ def bootstrap(
                 logger.info("the fully trained model is not better than version %d by the deploy rule", early.version)
                 history = History(trainer_dir(settings) / HISTORY_FILE)
                 history.append(
-                    {"kind": "bootstrap", "candidate": _metrics(metrics), "published_version": None, **record}
+                    {
+                        "kind": "bootstrap",
+                        "set": "synthetic-held-out",
+                        "candidate": _metrics(metrics),
+                        "published_version": None,
+                        **record,
+                    }
                 )
                 now = find_served(settings)
                 version, built, metrics = early.version, early.built, early.metrics

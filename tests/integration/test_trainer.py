@@ -322,14 +322,20 @@ def test_a_class_the_served_model_lacks_counts_as_zero(model_repo: Path, tmp_pat
     assert fair.map50 == pytest.approx(flattering.map50 * (len(expected) - 1) / len(expected))
 
 
-def test_bootstrap_publishes_version_1_once(tmp_path: Path) -> None:
-    """The plumbing of ``labelloop bootstrap`` on a tiny run (the quality target is measured separately)."""
-    env = {
+def _bootstrap_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A bootstrap into ``tmp_path`` with no Triton listening."""
+    return {
         "LABELLOOP_MODEL_REPOSITORY": str(tmp_path / "repo"),
         "LABELLOOP_STATE_DIR": str(tmp_path / "state"),
         "LABELLOOP_TRITON_URL": f"127.0.0.1:{free_port()}",
         "LABELLOOP_DEVICE": "cpu",
+        **extra,
     }
+
+
+def test_bootstrap_publishes_version_1_once(tmp_path: Path) -> None:
+    """The plumbing of ``labelloop bootstrap`` on a tiny run (the quality target is measured separately)."""
+    env = _bootstrap_env(tmp_path)
     argv = ["bootstrap", "--epochs", "1", "--images", "24", "--test-images", "6", "--json"]
     result = CliRunner().invoke(cli.app, argv, env=env)
     assert result.exit_code == 0, result.output
@@ -345,14 +351,8 @@ def test_bootstrap_publishes_version_1_once(tmp_path: Path) -> None:
 
 def test_bootstrap_publishes_an_early_epoch_and_goes_on_training(tmp_path: Path) -> None:
     """What ``up`` runs: the first good enough epoch is served at once; the full model only if it is better."""
-    env = {
-        "LABELLOOP_MODEL_REPOSITORY": str(tmp_path / "repo"),
-        "LABELLOOP_STATE_DIR": str(tmp_path / "state"),
-        "LABELLOOP_TRITON_URL": f"127.0.0.1:{free_port()}",
-        "LABELLOOP_DEVICE": "cpu",
-        # a two-epoch model is near 0: let the re-train threshold pass it so the early path runs
-        "LABELLOOP_RETRAIN_BELOW_MAP50": "0",
-    }
+    # a two-epoch model is near 0: let the re-train threshold pass it so the early path runs
+    env = _bootstrap_env(tmp_path, LABELLOOP_RETRAIN_BELOW_MAP50="0")
     argv = ["bootstrap", "--epochs", "2", "--images", "24", "--test-images", "6", "--early-map50", "0", "--json"]
     result = CliRunner().invoke(cli.app, argv, env=env)
     assert result.exit_code == 0, result.output
