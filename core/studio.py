@@ -236,6 +236,39 @@ class StudioClient:
         """Store predictions (each with its ``task`` id) in one call."""
         await self._call("POST", f"/api/projects/{project_id}/import/predictions", json=list(predictions))
 
+    async def set_model_version(self, project_id: int, model_version: str) -> None:
+        """Make ``model_version`` the project's: the Data Manager's prediction score counts only its predictions.
+
+        Label Studio refuses a version that no stored prediction carries: store predictions first.
+        """
+        await self._call("PATCH", f"/api/projects/{project_id}/", json={"model_version": model_version})
+
+    async def ensure_view(
+        self, project_id: int, title: str, ordering: Sequence[str], filters: Mapping[str, Any]
+    ) -> int:
+        """The id of the project's Data Manager tab ``title``, created or set to this ordering and filters.
+
+        Label Studio replaces a view's ``data`` whole on PATCH: what else the tab holds (its columns) is sent back.
+        """
+        data = {"title": title, "ordering": list(ordering), "filters": dict(filters)}
+        for view in await self._call("GET", "/api/dm/views/", params={"project": project_id}) or []:
+            current = view.get("data") or {}
+            if current.get("title") == title:
+                await self._call("PATCH", f"/api/dm/views/{view['id']}/", json={"data": {**current, **data}})
+                return int(view["id"])
+        created = await self._call("POST", "/api/dm/views/", json={"project": project_id, "data": data})
+        logger.info("created Data Manager view %r (id %s) in project %d", title, created["id"], project_id)
+        return int(created["id"])
+
+    async def view_tasks(self, project_id: int, view_id: int, limit: int) -> list[dict[str, Any]]:
+        """The first ``limit`` tasks of a Data Manager view, in its order (each with ``predictions_score``)."""
+        params = {"project": project_id, "view": view_id, "page": 1, "page_size": limit}
+        body = await self._call("GET", "/api/tasks/", none_if_missing=True, params=params)
+        tasks = body.get("tasks", []) if isinstance(body, Mapping) else body or []
+        if not isinstance(tasks, list):
+            raise LabelStudioError(f"GET /api/tasks/?view={view_id}: unexpected answer {str(body)[:200]}")
+        return [t for t in tasks if isinstance(t, dict)][:limit]
+
     async def ensure_project(self, title: str, label_config: str) -> int:
         """The id of the project with this title, created with ``label_config`` if missing."""
         body = await self._call("GET", "/api/projects/", params={"title": title, "page_size": 100})

@@ -1,8 +1,9 @@
-"""``labelloop bridge | prelabel``; each imports the server and its clients when it runs (a fast ``--help``)."""
+"""``labelloop bridge | prelabel | queue``; each imports the server and its clients when it runs (a fast ``--help``)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 from typing import TYPE_CHECKING, Annotated
@@ -22,6 +23,14 @@ app = typer.Typer(no_args_is_help=True)
 
 TritonUrl = Annotated[str | None, typer.Option("--triton-url", help="Triton gRPC host:port.")]
 ModelName = Annotated[str | None, typer.Option("--model", help="Detector name in the repository.")]
+ProjectId = Annotated[
+    int,
+    typer.Option(
+        "--project",
+        help="Label Studio project id: at LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY, "
+        "else the Label Studio `labelloop up` runs.",
+    ),
+]
 
 
 def _log_auth(settings: Settings) -> None:
@@ -70,14 +79,7 @@ def bridge(
 
 @app.command()
 def prelabel(
-    project: Annotated[
-        int,
-        typer.Option(
-            "--project",
-            help="Label Studio project id: at LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY, "
-            "else the Label Studio `labelloop up` runs.",
-        ),
-    ],
+    project: ProjectId,
     batch_size: Annotated[int | None, typer.Option(help="Tasks per page (default 64).")] = None,
     triton_url: TritonUrl = None,
     model: ModelName = None,
@@ -97,3 +99,32 @@ def prelabel(
     )
     if report.failed:
         raise typer.Exit(code=2)
+
+
+@app.command()
+def queue(
+    project: ProjectId,
+    limit: Annotated[int, typer.Option(min=1, help="How many tasks of the queue to print.")] = 10,
+    triton_url: TritonUrl = None,
+    model: ModelName = None,
+    as_json: Annotated[bool, typer.Option("--json", help='Print {"tasks": [{"task": ID, "score": S}, ...]}.')] = False,
+) -> None:
+    """Order the project's "Most uncertain first" tab and print its head (pre-labels what is missing first)."""
+    from core.settings import load_settings
+    from ls_bridge.queue import QUEUE_VIEW, refresh_queue
+
+    try:
+        settings = load_settings(triton_url=triton_url, model_name=model)
+        report = asyncio.run(refresh_queue(settings, project, limit=limit))
+    except LabelloopError as exc:
+        raise fail(exc) from exc
+    if as_json:
+        typer.echo(json.dumps({"tasks": [{"task": t.task, "score": t.score} for t in report.tasks]}))
+        return
+    done = report.prelabel
+    typer.echo(
+        f"project {report.project_id}: {done.predicted} pre-labelled, {done.failed} failed; "
+        f'tab "{QUEUE_VIEW}" sorted by {report.model_version}\'s score, lowest (least sure) first'
+    )
+    for t in report.tasks:
+        typer.echo(f"  task {t.task:>8}  score {'-' if t.score is None else f'{t.score:.4f}'}")

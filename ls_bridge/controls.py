@@ -6,6 +6,14 @@ maps model classes to the control's labels and turns detections into Label Studi
 Nothing here runs a model: the detections come in, regions go out. The config is parsed and the
 labels mapped by :mod:`core.labelmap`, the same map the trainer reads annotations back with.
 
+The task-level ``score`` is an uncertainty for Label Studio's Data Manager to sort by, ascending:
+lower means the model is less sure, so that task teaches it more. Each box the model drew, and each
+box it nearly drew (confidence from half the control's threshold up), is a decision; its margin is
+how far its confidence lies from the threshold that decided it, scaled to 0 (on the threshold) ..
+1 (confidence 0 or 1). The task's score is its least sure decision's margin; with no box at all,
+1.0 (nothing there, and the model is sure of it). An image with only faint boxes, none drawn, thus
+sorts before one with clear boxes or none.
+
 Per-control knobs are attributes in the label config, as Label Studio's own ML backends read them:
 ``model_score_threshold`` (drop boxes below it), ``model_skip="true"`` (leave the control alone)
 and, on a ``<Label>``, ``predicted_values="a,b"`` (model classes shown as that label).
@@ -106,6 +114,15 @@ class ControlModel(ABC):
     def regions(self, detections: ImageDetections) -> list[RectangleRegion]:
         """The Label Studio results for this control from one image's detections."""
 
+    @abstractmethod
+    def margins(self, detections: ImageDetections) -> list[float]:
+        """Each decision's margin from this control's threshold, 0 (a coin toss) .. 1 (certain)."""
+
+    @property
+    def floor(self) -> float:
+        """The lowest confidence that still counts as a decision: half the threshold."""
+        return self.score_threshold / 2
+
 
 @dataclass(frozen=True)
 class RectangleLabelsModel(ControlModel):
@@ -136,6 +153,21 @@ class RectangleLabelsModel(ControlModel):
             )
         return results
 
+    def margins(self, detections: ImageDetections) -> list[float]:
+        t = self.score_threshold
+        return [
+            _margin(det.score, t)
+            for det in detections.detections
+            if det.label in self.label_map and det.score >= self.floor
+        ]
+
+
+def _margin(confidence: float, threshold: float) -> float:
+    """How far ``confidence`` lies from ``threshold``, as a share of the way to 0 or 1."""
+    if confidence >= threshold:
+        return (confidence - threshold) / (1.0 - threshold) if threshold < 1.0 else 0.0
+    return (threshold - confidence) / threshold
+
 
 CONTROL_MODELS: dict[str, type[ControlModel]] = {RectangleLabelsModel.TAG: RectangleLabelsModel}
 
@@ -161,14 +193,15 @@ class LabelPlan:
         return tuple(dict.fromkeys(c.value_key for c in self.controls))
 
     @property
-    def min_threshold(self) -> float:
-        """The lowest threshold any control asks for: what Triton must return."""
-        return min(c.score_threshold for c in self.controls)
+    def request_threshold(self) -> float:
+        """What Triton must return: every control's boxes, and the ones it nearly drew (the score needs them)."""
+        return min(c.floor for c in self.controls)
 
     def format(self, detections: Mapping[str, ImageDetections]) -> tuple[list[RectangleRegion], float]:
-        """Regions for one task (detections keyed by task field) and the mean box confidence."""
-        regions = [r for c in self.controls if c.value_key in detections for r in c.regions(detections[c.value_key])]
-        score = sum(r.score for r in regions) / len(regions) if regions else 0.0
+        """Regions for one task (detections keyed by task field) and its uncertainty score (module docstring)."""
+        present = [c for c in self.controls if c.value_key in detections]
+        regions = [r for c in present for r in c.regions(detections[c.value_key])]
+        score = min((m for c in present for m in c.margins(detections[c.value_key])), default=1.0)
         return regions, score
 
 

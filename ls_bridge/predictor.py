@@ -129,4 +129,6 @@ class Predictor:
         with self.metrics.stages.time(stage="fetch"):
             image = await self.fetcher.fetch(url, task.id, deadline)
         with self.metrics.stages.time(stage="infer"):
-            return await self.detector.detect(image, conf=plan.min_threshold, iou=self.settings.iou, deadline=deadline)
+            return await self.detector.detect(
+                image, conf=plan.request_threshold, iou=self.settings.iou, deadline=deadline
+            )

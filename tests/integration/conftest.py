@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import http.server
 import threading
@@ -17,10 +18,13 @@ import uvicorn
 
 from core.credentials import bridge_credentials
 from core.settings import Settings
+from core.studio import DEFECT_LABEL_CONFIG
 from labelloop.bench_rig import LoopbackHTTPServer
 from ls_bridge.app import create_app
+from ls_bridge.controls import plan_for_config
 from ls_bridge.geometry import PercentBox, percent_to_pixels
-from tests.conftest import free_port
+from serving.client import ImageDetections, make_client
+from tests.conftest import TritonHandle, free_port
 from tests.label_studio import LABEL_STUDIO_BIN, LabelStudioServer
 
 BOX_TOLERANCE_PX = 1e-3
@@ -35,6 +39,24 @@ ROUTES = [
     ("GET", "/redoc"),
     ("GET", "/openapi.json"),
 ]
+
+
+def detect_direct(triton: TritonHandle, blobs: list[bytes], conf: float = 0.25) -> list[ImageDetections]:
+    """What Triton answers for the same bytes, through the serving client the CLI uses."""
+
+    async def run() -> list[ImageDetections]:
+        async with make_client(triton.settings) as client:
+            return [await client.detect(b, conf=conf, iou=triton.settings.iou) for b in blobs]
+
+    return asyncio.run(run())
+
+
+def task_score(triton: TritonHandle, blob: bytes, config: str = DEFECT_LABEL_CONFIG) -> float:
+    """The task score the bridge must give: the shipped plan on Triton's own candidates for the image."""
+    (candidates,) = detect_direct(triton, [blob])
+    plan = plan_for_config(config, tuple(candidates.model.classes), triton.settings.conf)
+    (candidates,) = detect_direct(triton, [blob], conf=plan.request_threshold)
+    return plan.format({"image": candidates})[1]
 
 
 def assert_regions_match(result: list[dict[str, Any]], width: int, height: int, boxes: list[dict[str, Any]]) -> None:

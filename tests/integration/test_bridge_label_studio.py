@@ -25,7 +25,7 @@ from core.settings import Settings
 from core.studio import DEFECT_LABEL_CONFIG as SEED_CONFIG
 from labelloop.cli import app
 from tests.conftest import TritonHandle
-from tests.integration.conftest import BridgeServer, assert_regions_match
+from tests.integration.conftest import BridgeServer, assert_regions_match, task_score
 from tests.label_studio import LabelStudioAPI, LabelStudioServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton, pytest.mark.label_studio]
@@ -76,6 +76,12 @@ def detected(triton_server: TritonHandle, images: list[Path]) -> dict[str, dict[
     return rows
 
 
+@pytest.fixture(scope="module")
+def scores(triton_server: TritonHandle, images: list[Path]) -> dict[str, float]:
+    """The task score each file must get (its boxes and near-misses, straight from Triton), keyed by file name."""
+    return {path.name: task_score(triton_server, path.read_bytes()) for path in images}
+
+
 def _bridge_settings(triton: TritonHandle, ls: LabelStudioServer, state: Path, token: str, **extra: Any) -> Settings:
     update = {
         "label_studio_url": ls.url,
@@ -109,7 +115,26 @@ def _file_name(task: dict[str, Any]) -> str:
     return name.split("-", 1)[1] if url.startswith("/data/upload/") else name
 
 
-def _assert_predictions_equal_detect(tasks: list[dict[str, Any]], detected: dict[str, dict[str, Any]]) -> int:
+def _cli_project(
+    label_studio: LabelStudioServer,
+    triton: TritonHandle,
+    title: str,
+    files: list[Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[LabelStudioAPI, int]:
+    """A project holding ``files``, and the environment the CLI finds Label Studio (with a PAT) and Triton in."""
+    api = label_studio.api()
+    project = api.create_project(title, SEED_CONFIG)
+    api.import_files(project, files)
+    monkeypatch.setenv("LABEL_STUDIO_URL", label_studio.url)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.personal_access_token())
+    monkeypatch.setenv("LABELLOOP_TRITON_URL", triton.url)
+    return api, project
+
+
+def _assert_predictions_equal_detect(
+    tasks: list[dict[str, Any]], detected: dict[str, dict[str, Any]], scores: dict[str, float]
+) -> int:
     """Each predicted task holds exactly one prediction equal to ``labelloop detect``; returns how many."""
     checked = 0
     for task in tasks:
@@ -120,8 +145,7 @@ def _assert_predictions_equal_detect(tasks: list[dict[str, Any]], detected: dict
         assert prediction["model_version"] == VERSION
         row = detected[name]
         assert_regions_match(prediction["result"], row["width"], row["height"], row["detections"])
-        scores = [d["score"] for d in row["detections"]]
-        assert prediction["score"] == pytest.approx(sum(scores) / len(scores) if scores else 0.0, abs=1e-6)
+        assert prediction["score"] == pytest.approx(scores[name], abs=1e-6)
         checked += 1
     return checked
 
@@ -135,6 +159,7 @@ def test_label_studio_stores_the_bridges_prelabels(
     images: list[Path],
     broken: Path,
     detected: dict[str, dict[str, Any]],
+    scores: dict[str, float],
     tmp_path: Path,
 ) -> None:
     api = label_studio.api()
@@ -161,7 +186,7 @@ def test_label_studio_stores_the_bridges_prelabels(
     tasks = api.tasks(project)
     assert len(tasks) == N_IMAGES + 1 + 2 + 1
     assert all(len(t["predictions"]) == 1 for t in tasks), [t["predictions"] for t in tasks]
-    assert _assert_predictions_equal_detect(tasks, detected) == N_IMAGES + 2
+    assert _assert_predictions_equal_detect(tasks, detected, scores) == N_IMAGES + 2
     failed = [t for t in tasks if t["data"]["image"].endswith("broken.png") or t["data"]["image"] == cloud_uri]
     assert [(t["predictions"][0]["result"], t["predictions"][0]["model_version"]) for t in failed] == [
         ([], VERSION),
@@ -189,6 +214,7 @@ def test_label_studio_connects_only_with_the_right_basic_auth(
     bridge_factory: BridgeFactory,
     images: list[Path],
     detected: dict[str, dict[str, Any]],
+    scores: dict[str, float],
     tmp_path: Path,
 ) -> None:
     credentials = ("labelstudio", "bridge-pass-123")
@@ -211,7 +237,7 @@ def test_label_studio_connects_only_with_the_right_basic_auth(
     api.connect_ml(project, bridge.url, basic_auth=credentials)
     api.import_files(project, images[:3])
     api.retrieve_predictions(project)
-    assert _assert_predictions_equal_detect(api.tasks(project), detected) == 3
+    assert _assert_predictions_equal_detect(api.tasks(project), detected, scores) == 3
 
     # Label Studio's auto-created webhook carries no credentials; the header added to it does
     # (docs/label-studio.md, Basic auth).
@@ -263,14 +289,10 @@ def test_prelabel_streams_a_whole_project_and_skips_what_is_done(
     images: list[Path],
     broken: Path,
     detected: dict[str, dict[str, Any]],
+    scores: dict[str, float],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    api = label_studio.api()
-    project = api.create_project("e2e prelabel", SEED_CONFIG)
-    api.import_files(project, [*images, broken])
-    monkeypatch.setenv("LABEL_STUDIO_URL", label_studio.url)
-    monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.personal_access_token())
-    monkeypatch.setenv("LABELLOOP_TRITON_URL", triton_server.url)
+    api, project = _cli_project(label_studio, triton_server, "e2e prelabel", [*images, broken], monkeypatch)
     args = ["prelabel", "--project", str(project), "--batch-size", "4"]
 
     first = CliRunner().invoke(app, args)
@@ -278,9 +300,54 @@ def test_prelabel_streams_a_whole_project_and_skips_what_is_done(
     assert f"project {project}: {N_IMAGES} predicted" in first.stdout
     assert f"0 already had {VERSION}, 1 failed" in first.stdout
     tasks = api.tasks(project)
-    assert _assert_predictions_equal_detect(tasks, detected) == N_IMAGES
+    assert _assert_predictions_equal_detect(tasks, detected, scores) == N_IMAGES
     assert [t["predictions"] for t in tasks if t["data"]["image"].endswith("broken.png")] == [[]]
 
     again = CliRunner().invoke(app, args)
     assert f"project {project}: 0 predicted (0 boxes), {N_IMAGES} already had {VERSION}, 1 failed" in again.stdout
     assert all(len(t["predictions"]) <= 1 for t in api.tasks(project))
+
+
+def test_queue_orders_the_data_manager_tab_least_sure_first(
+    label_studio: LabelStudioServer,
+    triton_server: TritonHandle,
+    images: list[Path],
+    broken: Path,
+    scores: dict[str, float],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    api, project = _cli_project(label_studio, triton_server, "e2e queue", [*images, broken], monkeypatch)
+    labelled = api.tasks(project)[0]
+    api.create_annotation(labelled["id"], [])  # submitted: no longer in the queue
+
+    result = CliRunner().invoke(app, ["queue", "--project", str(project), "--json", "--limit", "100"])
+    assert result.exit_code == 0, result.output
+    queue = json.loads(result.stdout)["tasks"]
+    names = {t["id"]: _file_name(t) for t in api.tasks(project)}
+    assert len(queue) == N_IMAGES  # every image but the labelled one; the broken one has no prediction
+    assert labelled["id"] not in [q["task"] for q in queue]
+    # least sure first, the unreadable image (no prediction of the version) last
+    assert queue[-1]["score"] is None and names[queue[-1]["task"]] == "broken.png"
+    ranked = [q["score"] for q in queue[:-1]]
+    assert ranked == sorted(ranked) and len(set(ranked)) > 2
+    for q in queue[:-1]:
+        assert q["score"] == pytest.approx(scores[names[q["task"]]], abs=1e-6)
+
+    # What a person opens: the tab exists in Label Studio, sorted ascending, for the served version.
+    assert api.project(project)["model_version"] == VERSION
+    (view,) = api.client.get("/api/dm/views/", params={"project": project}).json()
+    assert view["data"]["title"] == "Most uncertain first"
+    assert view["data"]["ordering"] == ["tasks:predictions_score"]
+    shown = api.client.get("/api/tasks/", params={"project": project, "view": view["id"], "page_size": 100}).json()
+    assert [t["id"] for t in shown["tasks"]] == [q["task"] for q in queue]
+
+    # Idempotent: a second run finds the same tab, and the one new label drops out.
+    api.create_annotation(queue[0]["task"], [])
+    again = CliRunner().invoke(app, ["queue", "--project", str(project), "--json", "--limit", "100"])
+    assert again.exit_code == 0, again.output
+    assert [q["task"] for q in json.loads(again.stdout)["tasks"]] == [q["task"] for q in queue[1:]]
+    assert len(api.client.get("/api/dm/views/", params={"project": project}).json()) == 1
+    text = CliRunner().invoke(app, ["queue", "--project", str(project), "--limit", "2"])
+    assert text.exit_code == 0, text.output
+    assert f'tab "Most uncertain first" sorted by {VERSION}\'s score, lowest (least sure) first' in text.stdout
+    assert f"task {queue[1]['task']:>8}  score {queue[1]['score']:.4f}" in text.stdout

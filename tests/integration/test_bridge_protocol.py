@@ -23,7 +23,14 @@ from serving.client import ImageDetections, make_client
 from serving.control import activate_version
 from serving.repository import ModelCard, ModelRepository
 from tests.conftest import TritonHandle, free_port
-from tests.integration.conftest import ROUTES, BridgeServer, ImageServer, assert_regions_match
+from tests.integration.conftest import (
+    ROUTES,
+    BridgeServer,
+    ImageServer,
+    assert_regions_match,
+    detect_direct,
+    task_score,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton]
 
@@ -53,16 +60,6 @@ def _predict(bridge: BridgeServer, tasks: list[dict[str, Any]], config: str = SE
     with bridge.client() as client:
         # ASCII-escaped, as Label Studio (requests' json=) sends it: a lone surrogate travels as \udcff.
         return client.post("/predict", content=json.dumps(body), headers={"content-type": "application/json"})
-
-
-def _direct(triton: TritonHandle, blobs: list[bytes]) -> list[ImageDetections]:
-    """What Triton answers for the same bytes, through the serving client the CLI uses."""
-
-    async def run() -> list[ImageDetections]:
-        async with make_client(triton.settings) as client:
-            return [await client.detect(b, conf=0.25, iou=triton.settings.iou) for b in blobs]
-
-    return asyncio.run(run())
 
 
 def assert_same_boxes(result: list[dict[str, Any]], expected: ImageDetections) -> None:
@@ -149,13 +146,16 @@ def test_predict_answers_every_task_in_order_like_triton(
     assert response.status_code == 200
     results = response.json()["results"]
     assert len(results) == len(tasks)
-    expected = _direct(triton_server, [(image_dir / n).read_bytes() for n in names])
+    expected = detect_direct(triton_server, [(image_dir / n).read_bytes() for n in names])
     assert sum(len(e.detections) for e in expected) > 0
     for result, want in zip(results, expected, strict=True):
         assert result["model_version"] == VERSION
         assert_same_boxes(result["result"], want)
-        scores = [d.score for d in want.detections]
-        assert result["score"] == pytest.approx(sum(scores) / len(scores) if scores else 0.0, abs=1e-6)
+    # the uncertainty score: from each image's boxes and near-misses, the same for a repeated image
+    for result, name in zip(results, names, strict=True):
+        assert result["score"] == pytest.approx(task_score(triton_server, (image_dir / name).read_bytes()), abs=1e-6)
+        assert 0.0 <= result["score"] <= 1.0
+    assert results[0]["score"] == results[-1]["score"] and len({r["score"] for r in results}) > 2
 
 
 def _labels(results: list[dict[str, Any]]) -> list[list[str]]:
@@ -227,7 +227,7 @@ def test_failed_tasks_answer_empty_and_the_batch_goes_on(
     assert all(r["model_version"] == VERSION for r in results)
     for i in (1, 2, 3, 4, 5):
         assert results[i] == {"result": [], "score": 0.0, "model_version": VERSION}
-    good = _direct(triton_server, [(image_dir / images[0]).read_bytes(), (image_dir / images[2]).read_bytes()])
+    good = detect_direct(triton_server, [(image_dir / images[0]).read_bytes(), (image_dir / images[2]).read_bytes()])
     assert_same_boxes(results[0]["result"], good[0])
     assert_same_boxes(results[6]["result"], good[1])
     warnings = [r.getMessage() for r in caplog.records if r.name == "ls_bridge.predictor"]
@@ -273,7 +273,7 @@ def test_a_malformed_task_url_fails_only_its_task(
     assert response.status_code == 200, response.text
     results = response.json()["results"]
     assert [r["result"] for r in results[1:5]] == [[], [], [], []]
-    good = _direct(triton_server, [(image_dir / images[0]).read_bytes(), (image_dir / images[2]).read_bytes()])
+    good = detect_direct(triton_server, [(image_dir / images[0]).read_bytes(), (image_dir / images[2]).read_bytes()])
     assert_same_boxes(results[0]["result"], good[0])
     assert_same_boxes(results[5]["result"], good[1])
     warnings = [r.getMessage() for r in caplog.records if r.name == "ls_bridge.predictor"]

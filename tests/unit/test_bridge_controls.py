@@ -36,7 +36,7 @@ def test_seed_config_gives_one_rectangle_control() -> None:
     assert plan.value_keys == ("image",)
 
 
-def test_regions_are_label_studio_json_with_mean_score() -> None:
+def test_regions_are_label_studio_json_with_the_uncertainty_score() -> None:
     plan = plan_for_config(SEED_CONFIG, CLASSES, 0.25)
     regions, score = plan.format(
         {"image": _detections(("concave", 0.9, 20, 10, 60, 30), ("perforation", 0.5, 0, 0, 200, 100))}
@@ -49,22 +49,42 @@ def test_regions_are_label_studio_json_with_mean_score() -> None:
     assert first["value"] == pytest.approx({"x": 10.0, "y": 10.0, "width": 20.0, "height": 20.0, "rotation": 0.0})
     assert first["score"] == 0.9
     assert regions[1].value.rectanglelabels == ["perforation"]
-    assert score == pytest.approx(0.7)
+    # the least sure decision: 0.5 is a third of the way from the 0.25 threshold to 1
+    assert score == pytest.approx((0.5 - 0.25) / 0.75)
     assert len({r.id for r in regions}) == 2
 
 
 def test_boxes_below_the_control_threshold_are_dropped() -> None:
     config = SEED_CONFIG.replace('model_score_threshold="0.25"', 'model_score_threshold="0.6"')
     plan = plan_for_config(config, CLASSES, 0.25)
-    assert plan.min_threshold == 0.6
+    assert plan.request_threshold == 0.3  # boxes it nearly drew count for the score
     regions, score = plan.format({"image": _detections(("concave", 0.59, 0, 0, 10, 10), ("dentado", 0.8, 0, 0, 5, 5))})
     assert [r.value.rectanglelabels for r in regions] == [["dentado"]]
-    assert score == pytest.approx(0.8)
+    assert score == pytest.approx(0.01 / 0.6)  # the dropped 0.59 box was a near coin toss
 
 
-def test_no_regions_score_zero() -> None:
-    regions, score = plan_for_config(SEED_CONFIG, CLASSES, 0.25).format({"image": _detections()})
-    assert regions == [] and score == 0.0
+def _score(*boxes: tuple[str, float]) -> float:
+    plan = plan_for_config(SEED_CONFIG, CLASSES, 0.25)
+    return plan.format({"image": _detections(*[(label, p, 0, 0, 10, 10) for label, p in boxes])})[1]
+
+
+def test_the_score_is_the_least_sure_decision_lower_first() -> None:
+    """Lower is more informative: Label Studio's Data Manager sorted ascending is the labelling queue."""
+    assert _score() == 1.0  # nothing there, and no doubt about it
+    assert _score(("concave", 0.1)) == 1.0  # under half the threshold: not a decision
+    # drawn boxes: the more confident, the higher the score; on the threshold, 0
+    drawn = [_score(("concave", p)) for p in (0.25, 0.3, 0.5, 0.7, 0.9, 1.0)]
+    assert drawn == sorted(drawn) and drawn[0] == 0.0 and drawn[-1] == 1.0 and len(set(drawn)) == len(drawn)
+    # boxes it nearly drew: the closer to the threshold, the lower; an empty-looking but busy image sorts first
+    near = [_score(("concave", p)) for p in (0.24, 0.2, 0.15, 0.125)]
+    assert near == sorted(near) and near[-1] == pytest.approx(0.5)
+    assert _score(("concave", 0.2), ("dentado", 0.2)) < _score(("concave", 0.95)) < _score()
+    # one unsure box makes the whole task unsure
+    assert _score(("concave", 0.95), ("perforation", 0.3)) == _score(("perforation", 0.3))
+    # a class with no label in the config is never drawn, so it is no decision either
+    config = SEED_CONFIG.replace('<Label value="perforation" background="#FFC069"/>', "")
+    plan = plan_for_config(config, CLASSES, 0.25)
+    assert plan.format({"image": _detections(("perforation", 0.3, 0, 0, 10, 10))})[1] == 1.0
 
 
 def test_labels_are_mapped_by_the_shared_label_map(caplog: pytest.LogCaptureFixture) -> None:
