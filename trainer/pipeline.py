@@ -367,18 +367,31 @@ class _Bootstrap:
     settings: Settings
     options: RunOptions
     folder: Path  # <state>/trainer/bootstrap/runs/<time>
+    progress_file: Path  # <state>/trainer/bootstrap/progress.json
     data_yaml: Path
     combined: Path
     dataset_hash: str
     test_images: int
     early_map50: float | None
     early: _Early | None = None
+    _progress: dict[str, Any] = field(default_factory=dict)
 
     def progress(self, **fields: Any) -> None:
-        """What ``labelloop up`` shows while it waits (``<state>/trainer/bootstrap/progress.json``)."""
-        current = self.folder.parent.parent / BOOTSTRAP_PROGRESS
-        data = json.loads(current.read_text(encoding="utf-8")) if current.is_file() else {}
-        write_json_atomic(current, {**data, **fields})
+        """What ``labelloop up`` shows while it waits: the epoch, its validation mAP50, what was published."""
+        self._progress.update(fields)
+        write_json_atomic(self.progress_file, self._progress)
+
+    def record(self, metrics: EvalResult, published_version: int | None, **extra: Any) -> None:
+        """One line of the trainer's history for a judged checkpoint (published or not)."""
+        History(trainer_dir(self.settings) / HISTORY_FILE).append(
+            {
+                "kind": "bootstrap",
+                "set": "synthetic-held-out",
+                "candidate": _metrics(metrics),
+                "published_version": published_version,
+                **extra,
+            }
+        )
 
     def judge(self, weights: Path, folder: Path) -> tuple[BuiltModel, EvalResult]:
         built = build_model(
@@ -411,15 +424,7 @@ class _Bootstrap:
             train_args=train_args,
             note=note,
         )
-        History(trainer_dir(self.settings) / HISTORY_FILE).append(
-            {
-                "kind": "bootstrap",
-                "set": "synthetic-held-out",
-                "candidate": _metrics(metrics),
-                "published_version": version,
-                **record,
-            }
-        )
+        self.record(metrics, version, **record)
         self.progress(published_version=version)
         return version, info
 
@@ -485,7 +490,7 @@ def bootstrap(
         )
     folder = trainer_dir(settings) / "bootstrap"
     with training_lock(trainer_dir(settings)):
-        (folder / BOOTSTRAP_PROGRESS).unlink(missing_ok=True)
+        (folder / BOOTSTRAP_PROGRESS).unlink(missing_ok=True)  # a previous run's epochs are not this one's
         data_yaml = write_dataset(folder / "data", n=images, seed=seed)
         # held-out images come from another seed: never seen in training, same distribution
         held_out = write_dataset(folder / "held-out", n=test_images, seed=seed + 1).parent
@@ -498,6 +503,7 @@ def bootstrap(
             settings,
             options,
             run_dir,
+            folder / BOOTSTRAP_PROGRESS,
             data_yaml,
             combined,
             f"synthetic:n={images},seed={seed}",
@@ -527,16 +533,7 @@ def bootstrap(
                 served = info is not None
             else:
                 logger.info("the fully trained model is not better than version %d by the deploy rule", early.version)
-                history = History(trainer_dir(settings) / HISTORY_FILE)
-                history.append(
-                    {
-                        "kind": "bootstrap",
-                        "set": "synthetic-held-out",
-                        "candidate": _metrics(metrics),
-                        "published_version": None,
-                        **record,
-                    }
-                )
+                run.record(metrics, None, **record)
                 now = find_served(settings)
                 version, built, metrics = early.version, early.built, early.metrics
                 served = now is not None and now.live and now.version == early.version
