@@ -78,6 +78,10 @@ class Kind:
     dataset: str | None = None
     training: str | None = None
     evaluation: str | None = None
+    # session: ``module.function(session)`` rendering the Label Studio label config a session of the kind gets.
+    label_config: str | None = None
+    # trainer: the module whose ``run(settings, project, session)``, ``request_stop`` and ``summary`` train a session.
+    session_run: str | None = None
     available: bool = True
     description: str = field(default="", compare=False)
 
@@ -94,6 +98,8 @@ class Kind:
             "dataset": self.dataset,
             "training": self.training,
             "evaluation": self.evaluation,
+            "label_config": self.label_config.rpartition(".")[0] if self.label_config else None,
+            "session_run": self.session_run,
         }
         found = {role: module for role, module in named.items() if module}
         return found | {f"runtime:{f.name}": f.module for f in self.runtime}
@@ -179,15 +185,22 @@ _BUILTIN = (
         ),
         client="serving.backbone.FeaturesClient",
     ),
-    # Heads on the backbone's features; their modules arrive with their issues.
     Kind(
         name="classifier",
-        description="image classes from a head on backbone features",
+        description="image classes from a small head on the backbone's patch tokens (BLS: one call per image)",
         control_tags=("Choices",),
-        triton_models=(),
+        triton_models=(TritonModel(suffix="", inputs=("IMAGE",), outputs=("PROBS", "MODEL_INFO")),),
         rule=DeployRule("macro_f1"),
-        available=False,
+        runtime=(RuntimeFile("serving.triton.classifier_model", "model.py"),),
+        client="serving.heads.ClassifierClient",
+        results="ls_bridge.choices",
+        dataset="trainer.choices_data",
+        training="trainer.classify",
+        evaluation="trainer.classify",
+        label_config="core.session.choices_config",
+        session_run="trainer.classifier_run",
     ),
+    # Announced; its modules arrive with its issue.
     Kind(
         name="segmenter",
         description="masks from a head on backbone features, trained from points",

@@ -57,10 +57,11 @@ class Daemon:
             return None
         try:
             proc = psutil.Process(rec.pid)
-            # argv[0] may be rewritten by a shebang; the arguments are ours exactly.
-            if (
-                abs(proc.create_time() - rec.create_time) > 1.0
-                or proc.cmdline()[-len(rec.cmdline[1:]) :] != rec.cmdline[1:]
+            # argv[0] may be rewritten by a shebang; the arguments are ours exactly. While the new
+            # program is being loaded, /proc shows no arguments at all: the start time decides then.
+            cmdline = proc.cmdline()
+            if abs(proc.create_time() - rec.create_time) > 1.0 or (
+                cmdline and cmdline[-len(rec.cmdline[1:]) :] != rec.cmdline[1:]
             ):
                 return None
             if proc.status() == psutil.STATUS_ZOMBIE:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -74,7 +74,9 @@ class Settings(BaseSettings):
     )
 
     # Serving -----------------------------------------------------------------
-    triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC address (host:port).")
+    triton_url: str = Field(
+        "127.0.0.1:8001", description="Triton gRPC address (host:port); default: host and grpc_port when those are set."
+    )
     model_name: str = Field("defect_detector", description="Name of the detector in the model repository.")
     model_repository: Path = Field(Path("model_repository"), description="Triton model repository folder.")
     state_dir: Path = Field(Path(".labelloop"), description="Logs, databases, datasets and run files.")
@@ -188,6 +190,14 @@ class Settings(BaseSettings):
     @classmethod
     def _exact_origins(cls, value: list[str]) -> list[str]:
         return [_origin(entry) for entry in value]
+
+    @model_validator(mode="after")
+    def _triton_url_follows_the_served_port(self) -> Settings:
+        """Set ``grpc_port`` (or ``host``) and not ``triton_url``: clients go where `serve`/`up` listen."""
+        if "triton_url" not in self.model_fields_set and {"grpc_port", "host"} & self.model_fields_set:
+            host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+            self.triton_url = f"{host}:{self.grpc_port}"
+        return self
 
     @classmethod
     def settings_customise_sources(

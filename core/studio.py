@@ -41,6 +41,7 @@ __all__ = [
     "label_studio_environment",
     "load_or_create_credentials",
     "local_studio_url",
+    "model_version_name",
     "studio_settings",
 ]
 
@@ -159,6 +160,11 @@ def label_studio_command(binary: Path, port: int) -> list[str]:
     ]
 
 
+def model_version_name(model_name: str, version: int) -> str:
+    """What Label Studio stores as ``model_version``: a new Triton version makes it predict again."""
+    return f"{model_name}@v{version}"
+
+
 class StudioClient:
     """Label Studio's REST API for one base URL; use as ``async with``."""
 
@@ -236,6 +242,16 @@ class StudioClient:
         """Store predictions (each with its ``task`` id) in one call."""
         await self._call("POST", f"/api/projects/{project_id}/import/predictions", json=list(predictions))
 
+    async def replace_predictions(
+        self, project_id: int, model_version: str, predictions: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """Store ``predictions`` (each with its ``task``) as the only ones of ``model_version`` on their tasks."""
+        for task_id in sorted({int(p["task"]) for p in predictions}):
+            for old in await self._call("GET", "/api/predictions/", params={"task": task_id}) or []:
+                if old.get("model_version") == model_version:
+                    await self._call("DELETE", f"/api/predictions/{old['id']}/")
+        await self.import_predictions(project_id, predictions)
+
     async def set_model_version(self, project_id: int, model_version: str) -> None:
         """Make ``model_version`` the project's: the Data Manager's prediction score counts only its predictions.
 
@@ -280,6 +296,25 @@ class StudioClient:
         logger.info("created Label Studio project %r (id %s)", title, created["id"])
         return int(created["id"])
 
+    async def upload_images(self, project_id: int, paths: Sequence[Path], batch: int = 20) -> int:
+        """Upload image files as tasks (Label Studio keeps each file name behind its upload prefix); the task count."""
+        created = 0
+        for start in range(0, len(paths), batch):
+            chunk = paths[start : start + batch]
+            # Label Studio reads one file per form field: each needs its own field name.
+            files = [(f"file{k}", (p.name, p.read_bytes())) for k, p in enumerate(chunk)]
+            body = await self._call("POST", f"/api/projects/{project_id}/import", files=files)
+            created += int((body or {}).get("task_count", len(chunk)))
+        return created
+
+    async def use_predictions(self, project_id: int) -> None:
+        """Show predictions to annotators and ask the connected model for them when a task opens."""
+        await self._call(
+            "PATCH",
+            f"/api/projects/{project_id}/",
+            json={"show_collab_predictions": True, "evaluate_predictions_automatically": True},
+        )
+
     async def ml_backends(self, project_id: int) -> list[dict[str, Any]]:
         return list(await self._call("GET", "/api/ml/", params={"project": project_id}) or [])
 
@@ -309,11 +344,7 @@ class StudioClient:
             "/api/ml/",
             json={"project": project_id, "url": url, "title": title, "is_interactive": False, **fields},
         )
-        await self._call(
-            "PATCH",
-            f"/api/projects/{project_id}/",
-            json={"show_collab_predictions": True, "evaluate_predictions_automatically": True},
-        )
+        await self.use_predictions(project_id)
         logger.info("connected ML backend %s to project %d", url, project_id)
         return int(created["id"])
 

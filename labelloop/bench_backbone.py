@@ -14,13 +14,23 @@ The bench images go through it three ways, at long sides 224 and 448, in half th
               resize, normalise, onnxruntime and the fp16 tokens back; concurrency 1 and 4.
 
 Ratios are in :mod:`labelloop.bench_report`.
+
+``python -m labelloop.bench_backbone`` runs this section alone, in a tritonserver of its own that holds
+only the backbone (a minute or two on 2 cores, no detector, no bridge, no ultralytics); ``--arch
+dinov3_vits16`` measures a random-init ViT-S/16 (any ``trainer.backbone.ARCHS`` name) instead of the
+demo.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import logging
+import os
 import random
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +47,7 @@ from serving.control import load_served_version
 from serving.repository import ModelRepository
 from serving.triton.features_ops import network_input, resize_for_backbone
 
-__all__ = ["BACKBONE_NAME", "CONCURRENCY", "LONG_SIDES", "BackboneBench", "publish_demo_backbone"]
+__all__ = ["BACKBONE_NAME", "CONCURRENCY", "LONG_SIDES", "BackboneBench", "publish_demo_backbone", "run_backbone_bench"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,34 +59,62 @@ SETTLE_S = 0.1
 Tensor = npt.NDArray[np.float32]
 
 
-def publish_demo_backbone(settings: Settings, repo: ModelRepository, work: Path) -> float:
-    """Build, export and publish the demo backbone into the private ``repo``; the seconds it took."""
+def publish_demo_backbone(
+    settings: Settings, repo: ModelRepository, work: Path, arch: str | None = None, name: str = BACKBONE_NAME
+) -> float:
+    """Build, export and publish the demo backbone (or a random-init ``arch``) into the private ``repo``;
+    the seconds it took."""
     try:
-        from trainer.backbone import publish_demo
+        from trainer.backbone import demo_backbone, publish_loaded
     except ImportError as exc:
         raise ConfigError("the backbone section needs torch and transformers: pip install 'labelloop[train]'") from exc
     started = time.perf_counter()
-    publish_demo(settings.model_copy(update={"model_repository": repo.root, "state_dir": work}), BACKBONE_NAME)
+    loaded = demo_backbone() if arch is None else _random_backbone(arch)
+    publish_loaded(settings.model_copy(update={"model_repository": repo.root, "state_dir": work}), loaded, name)
     return time.perf_counter() - started
+
+
+def _random_backbone(arch: str) -> Any:
+    """A published DINOv3 architecture with random weights: the real network's cost, no download."""
+    import torch
+    from transformers import DINOv3ViTModel
+
+    from trainer.backbone import ARCHS, DEMO_SEED, LoadedBackbone, arch_config
+
+    if arch not in ARCHS:
+        raise ConfigError(f"unknown arch {arch!r}; one of {', '.join(ARCHS)}")
+    config = arch_config(arch)
+    config._attn_implementation = "eager"
+    torch.manual_seed(DEMO_SEED)
+    model = DINOv3ViTModel(config).eval()  # type: ignore[no-untyped-call]
+    return LoadedBackbone(model, arch, Path(f"random-init:seed={DEMO_SEED}"), None, note="random init (bench)")
 
 
 class BackboneBench:
     """The backbone's blocks over the bench images, and what they measured."""
 
-    def __init__(self, settings: Settings, plan: BenchPlan, images: list[BenchImage], repo: ModelRepository) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        plan: BenchPlan,
+        images: list[BenchImage],
+        repo: ModelRepository,
+        name: str = BACKBONE_NAME,
+    ) -> None:
         import onnxruntime as ort
 
         self.settings = settings
         self.plan = plan
         self.images = images
-        version = repo.latest(BACKBONE_NAME)
+        self.name = name
+        version = repo.latest(name)
         assert version is not None  # publish_demo_backbone wrote it
-        card = repo.card(BACKBONE_NAME, version)
+        card = repo.card(name, version)
         assert card.patch_size is not None and card.image_mean and card.image_std
         self.patch, self.mean, self.std = card.patch_size, card.image_mean, card.image_std
         self.tally = BackboneTally()
         self.tally.model = {
-            "name": BACKBONE_NAME,
+            "name": name,
             "version": version,
             "arch": card.arch,
             "patch_size": card.patch_size,
@@ -85,9 +123,7 @@ class BackboneBench:
             "note": card.note,
         }
         # Method (a): onnxruntime as anyone would call it, like the detector's (a).
-        self.session = ort.InferenceSession(
-            str(repo.onnx_path(BACKBONE_NAME, version)), providers=["CPUExecutionProvider"]
-        )
+        self.session = ort.InferenceSession(str(repo.onnx_path(name, version)), providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.tensors = {side: [self._prepare(image.data, side) for image in images] for side in LONG_SIDES}
         for side, tensors in self.tensors.items():
@@ -170,7 +206,7 @@ class BackboneBench:
         """Load the backbone into the running Triton, warm everything up, then run the rounds."""
         started = time.perf_counter()
         timeout = max(self.settings.triton_timeout_s, 120.0)
-        client = FeaturesClient(url, BACKBONE_NAME, timeout_s=timeout, concurrency=max(CONCURRENCY), retries=0)
+        client = FeaturesClient(url, self.name, timeout_s=timeout, concurrency=max(CONCURRENCY), retries=0)
         try:
             info = await load_served_version(client, repo)
             self.tally.model["provider"] = info.provider
@@ -189,3 +225,69 @@ class BackboneBench:
         finally:
             await client.close()
         self.tally.measure_s = time.perf_counter() - started
+
+
+def run_backbone_bench(settings: Settings, plan: BenchPlan, arch: str | None = None) -> dict[str, Any]:
+    """The backbone section alone: its own tritonserver holding only the backbone; the section as a dict."""
+    from labelloop.bench_report import _backbone as backbone_section  # the full bench's own section
+    from labelloop.bench_rig import free_port, machine_info, render_images
+    from serving.launcher import TritonProcess
+
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="labelloop-bench-backbone-") as tmp:
+        root = Path(tmp)
+        repo = ModelRepository(root / "model_repository")
+        images = render_images(plan.images, plan.seed)
+        publish_s = publish_demo_backbone(settings, repo, root / "backbone", arch)
+        triton = TritonProcess(
+            repo.root,
+            root / "triton",
+            grpc_port=free_port(),
+            http_port=free_port(),
+            metrics_port=free_port(),
+            log_file=settings.log_dir / "bench-backbone-triton.log",
+        )
+        try:
+            triton.start()
+            triton.wait_live(settings.triton_start_timeout_s)
+            bench = BackboneBench(settings, plan, images, repo)
+            bench.tally.publish_s = publish_s
+            asyncio.run(bench.measure(triton.grpc_url, repo))
+        finally:
+            triton.stop()
+    machine = machine_info() | {"load_average_before": load_before, "load_average_after": os.getloadavg()}
+    return {"machine": machine, "images": plan.images, "backbone": backbone_section(bench.tally)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m labelloop.bench_backbone``: the backbone section alone; markdown on stdout."""
+    from core.settings import load_settings
+    from labelloop.bench_report import _backbone_tables as backbone_tables
+    from labelloop.bench_rig import FULL, QUICK
+
+    parser = argparse.ArgumentParser(prog="python -m labelloop.bench_backbone", description=main.__doc__)
+    parser.add_argument("--quick", action="store_true", help="16 images, 1 round (the full run: 32 images, 4 rounds)")
+    parser.add_argument("--arch", help="a random-init trainer.backbone.ARCHS network (default: the demo backbone)")
+    parser.add_argument("--images", type=int, help="bench images")
+    parser.add_argument("--rounds", type=int, help="rounds of the full bench (the backbone runs half of them)")
+    parser.add_argument("--json", type=Path, help="write the section as JSON here")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    plan = BenchPlan(
+        images=args.images or plan.images,
+        rounds=args.rounds or plan.rounds,
+        block_images=plan.block_images,
+        seed=plan.seed,
+    )
+    logging.basicConfig(level=logging.WARNING)
+    report = run_backbone_bench(load_settings(), plan, args.arch)
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    load = report["machine"]
+    print(f"Load average {load['load_average_before'][0]:.2f} before, {load['load_average_after'][0]:.2f} after.\n")
+    print("\n".join(backbone_tables(report["backbone"])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,7 +13,7 @@ import typer
 
 from core.console import fail
 from core.errors import LabelloopError
-from labelloop import backbone_cli, bench, stack
+from labelloop import backbone_cli, bench, session_cli, stack
 from ls_bridge import cli as bridge_cli
 from serving import cli as serving_cli
 from trainer import cli as trainer_cli
@@ -65,6 +65,7 @@ for group in (serving_cli.app, trainer_cli.app, bridge_cli.app, stack.app, bench
         app.registered_commands.append(command)
 app.add_typer(trainer_cli.group, name="trainer", help="Long-running trainer service.")
 app.add_typer(backbone_cli.app, name="backbone", help="DINOv3 feature backbone: import, demo, embed.")
+app.add_typer(session_cli.app, name="session", help="Labelling sessions: a Label Studio project per session YAML.")
 
 
 def run() -> None:

@@ -34,13 +34,19 @@ from core.credentials import bridge_credentials
 from core.errors import ConfigError, LabelloopError, TritonUnavailableError
 from core.events import EventStore
 from core.fetch import ImageFetcher
+from core.labelmap import parse_label_config
+from core.session import read_recorded
 from core.settings import Settings
-from ls_bridge.controls import plan_for_config
+from core.studio import model_version_name
+from ls_bridge.choices import choices_controls
+from ls_bridge.controls import CONTROL_MODELS, plan_for_config
+from ls_bridge.heads import HeadAnswer, HeadPredictor, project_id
 from ls_bridge.metrics import BridgeMetrics
-from ls_bridge.predictor import Predictor, model_version_name
+from ls_bridge.predictor import Predictor
 from ls_bridge.schemas import (
     ErrorResponse,
     HealthResponse,
+    Prediction,
     PredictRequest,
     PredictResponse,
     SetupRequest,
@@ -66,6 +72,7 @@ class BridgeState:
     """What the routes share; built in the lifespan, inside the server's event loop."""
 
     predictor: Predictor
+    heads: HeadPredictor
     probe: DetectorClient
     events: EventStore
     metrics: BridgeMetrics
@@ -147,6 +154,40 @@ async def _read_bounded(request: Request, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
+async def _serves_no_detector(probe: DetectorClient) -> bool:
+    """Whether Triton is live and has no version of the detector loaded (a heads-only deployment)."""
+    try:
+        return await probe.is_live() and not await probe.ready_versions()
+    except LabelloopError:
+        return False
+
+
+def _wants_boxes(config: str) -> bool:
+    """Whether a config needs the detector: box controls, or nothing a head fills (then the detector says why)."""
+    if not config:
+        return True
+    return bool(parse_label_config(config).controls_of(CONTROL_MODELS)) or not choices_controls(config)
+
+
+def _combine(count: int, boxes: Sequence[Prediction] | None, heads: Sequence[HeadAnswer] | None) -> list[Prediction]:
+    """One prediction per task from the detector's and the heads' answers: results joined, the lower score."""
+    combined = []
+    for k in range(count):
+        parts = []
+        if boxes is not None:
+            parts.append((list(boxes[k].result), boxes[k].score, [boxes[k].model_version]))
+        if heads is not None:
+            parts.append((list(heads[k].results), heads[k].score, heads[k].versions))
+        combined.append(
+            Prediction(
+                result=[r for results, _, _ in parts for r in results],
+                score=min(score for _, score, _ in parts),
+                model_version="+".join(dict.fromkeys(v for _, _, versions in parts for v in versions)),
+            )
+        )
+    return combined
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The bridge for these settings; Triton and Label Studio are contacted only once it runs."""
     if not settings.label_studio_url:
@@ -161,7 +202,9 @@ def create_app(settings: Settings) -> FastAPI:
             settings.triton_url, settings.model_name, timeout_s=PROBE_TIMEOUT_S, concurrency=2, retries=0
         )
         fetcher = ImageFetcher(settings)
-        app.state.bridge = BridgeState(Predictor(settings, detector, fetcher, metrics), probe, events, metrics)
+        heads = HeadPredictor(settings, fetcher, metrics)
+        predictor = Predictor(settings, detector, fetcher, metrics)
+        app.state.bridge = BridgeState(predictor, heads, probe, events, metrics)
         try:
             info = await probe.info()
             logger.info(
@@ -172,11 +215,12 @@ def create_app(settings: Settings) -> FastAPI:
                 ", ".join(fetcher.allowed_origins) or "nowhere (set LABEL_STUDIO_URL or LABELLOOP_ALLOWED_ORIGINS)",
             )
         except LabelloopError as exc:
-            logger.warning("Triton does not answer yet (%s); /health says DOWN until it does", exc)
+            logger.warning("the detector does not answer (%s); /health is DOWN until it does, or UP heads-only", exc)
         try:
             yield
         finally:
             await fetcher.aclose()
+            await heads.close()
             await detector.close()
             await probe.close()
 
@@ -215,10 +259,17 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/health", response_model=HealthResponse)
     async def health(bridge: State) -> JSONResponse:
-        """UP only when Triton runs a real inference for the configured model right now."""
+        """UP only when Triton runs a real inference for the configured detector right now.
+
+        A Triton that serves no detector at all (heads only) is UP when it is live: the heads answer
+        for themselves, task by task.
+        """
         try:
             info = await bridge.probe.info()
         except LabelloopError as exc:
+            if await _serves_no_detector(bridge.probe):
+                up = HealthResponse(status="UP", detail=f"Triton serves no {settings.model_name}; heads only")
+                return JSONResponse(up.model_dump())
             down = HealthResponse(status="DOWN", detail=f"{type(exc).__name__}: {exc}")
             return JSONResponse(down.model_dump(), status_code=TritonUnavailableError.http_status)
         up = HealthResponse(
@@ -226,21 +277,43 @@ def create_app(settings: Settings) -> FastAPI:
         )
         return JSONResponse(up.model_dump())
 
+    def pending_version(project: int | None) -> str:
+        """What a config whose heads are not trained yet reports: the session's head at version 0."""
+        session = read_recorded(settings.state_dir, project) if project is not None else None
+        return model_version_name(session.model_name if session is not None else "classifier", 0)
+
     @app.post("/setup")
     async def setup(body: SetupRequest, bridge: State) -> SetupResponse:
-        """The served model version; a label config with nothing to predict is refused here already."""
-        info = await bridge.probe.info()
-        if body.label_config:
-            plan_for_config(body.label_config, tuple(info.classes), settings.conf)
-        return SetupResponse(model_version=model_version_name(info.name, info.version))
+        """The served model versions; a label config with nothing to predict is refused here already."""
+        config = body.label_config or ""
+        versions: list[str] = []
+        if _wants_boxes(config):
+            info = await bridge.probe.info()
+            if config:
+                plan_for_config(config, tuple(info.classes), settings.conf)
+            versions.append(model_version_name(info.name, info.version))
+        if choices_controls(config):
+            project = project_id(body.project)
+            versions += await bridge.heads.versions(config, project) or [pending_version(project)]
+        return SetupResponse(model_version="+".join(versions))
 
     @app.post("/predict")
     async def predict(body: PredictRequest, request: Request, bridge: State) -> PredictResponse:
         """One prediction per task, in order, within ``predict_deadline_s`` of the request's arrival."""
-        if not body.label_config:
+        config = body.label_config
+        if not config:
             raise ConfigError("the request carries no label_config")
         deadline = request.state.arrived + settings.predict_deadline_s
-        results = await bridge.predictor.predict(body.tasks, body.label_config, deadline)
+        boxes = await bridge.predictor.predict(body.tasks, config, deadline) if _wants_boxes(config) else None
+        heads: list[HeadAnswer] | None = None
+        if choices_controls(config):
+            project = project_id(body.project)
+            assigned = await bridge.heads.assign(config, project)
+            if assigned:
+                heads = await bridge.heads.predict(body.tasks, assigned, deadline)
+            elif boxes is None:
+                heads = [HeadAnswer(versions=[pending_version(project)]) for _ in body.tasks]
+        results = _combine(len(body.tasks), boxes, heads)
         logger.info("predicted %d tasks in %.1fs", len(results), time.monotonic() - request.state.arrived)
         return PredictResponse(results=results)
 

@@ -20,21 +20,17 @@ from typing import TypeVar
 from core.errors import FetchError, LabelloopError, TritonUnavailableError
 from core.fetch import ImageFetcher
 from core.settings import Settings
+from core.studio import model_version_name
 from ls_bridge.controls import LabelPlan, plan_for_config
 from ls_bridge.metrics import BridgeMetrics
 from ls_bridge.schemas import Prediction, Task
 from serving.client import DetectorClient, ImageDetections, ModelInfo, probe_image
 
-__all__ = ["Predictor", "TaskOutcome", "model_version_name"]
+__all__ = ["Predictor", "TaskOutcome"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-def model_version_name(model_name: str, version: int) -> str:
-    """What Label Studio stores as ``model_version``: a new Triton version makes it predict again."""
-    return f"{model_name}@v{version}"
 
 
 async def _gather_or_cancel(coros: Sequence[Awaitable[T]]) -> list[T]:
@@ -120,7 +116,7 @@ class Predictor:
             regions, score = plan.format(detections)
         self.metrics.tasks.inc(outcome="ok")
         version = self.version_name(served.version)
-        return TaskOutcome(task.id, Prediction(result=regions, score=score, model_version=version))
+        return TaskOutcome(task.id, Prediction(result=list(regions), score=score, model_version=version))
 
     async def _detect_field(self, task: Task, key: str, plan: LabelPlan, deadline: float | None) -> ImageDetections:
         url = task.data.get(key)

@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 __all__ = [
+    "ChoicesRegion",
+    "ChoicesValue",
     "ErrorResponse",
     "HealthResponse",
     "PredictRequest",
@@ -16,6 +18,7 @@ __all__ = [
     "Prediction",
     "RectangleRegion",
     "RectangleValue",
+    "Region",
     "SetupRequest",
     "SetupResponse",
     "Task",
@@ -113,10 +116,29 @@ class RectangleRegion(BaseModel):
     score: float
 
 
-class Prediction(BaseModel):
-    """One task's answer: its regions, the mean box confidence and the served model version."""
+class ChoicesValue(BaseModel):
+    choices: list[str]
 
-    result: list[RectangleRegion] = Field(default_factory=list)
+
+class ChoicesRegion(BaseModel):
+    """One pre-labelled image class, as Label Studio stores a ``choices`` result; ``meta`` shows every probability."""
+
+    id: str
+    from_name: str
+    to_name: str
+    type: Literal["choices"] = "choices"
+    value: ChoicesValue
+    score: float
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+Region = RectangleRegion | ChoicesRegion
+
+
+class Prediction(BaseModel):
+    """One task's answer: its results, the task's uncertainty score and the served model version."""
+
+    result: list[Region] = Field(default_factory=list)
     score: float = 0.0
     model_version: str
 

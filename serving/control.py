@@ -69,6 +69,8 @@ async def activate_version(client: DetectorClient, repo: ModelRepository, versio
         return info
     except LabelloopError as exc:
         repo.set_aside(name, version, f"activation failed: {exc}")
+        if not repo.versions(name):
+            raise PublishError(f"version {version} was not activated ({exc}); there is no earlier version") from exc
         try:
             restored = await load_served_version(client, repo)
         except LabelloopError as again:
@@ -102,6 +104,8 @@ async def load_repository(
     names = repo.models()
     if first is not None:
         names = [first, *(n for n in names if n != first)]
+    # Kinds that answer no control (backbones) serve the others (heads reach them by BLS): they load first.
+    names.sort(key=lambda n: bool(kinds.KINDS[k].control_tags) if (k := repo.kind(n)) in kinds.KINDS else True)
     loaded = []
     for name in names:
         kind = repo.kind(name)

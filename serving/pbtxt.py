@@ -7,9 +7,20 @@ the ``onnxruntime_onnx`` backend (optionally TensorRT FP16) and python post-proc
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
-__all__ = ["DetectorConfig", "render_core_onnx", "render_ensemble", "render_python", "render_stage"]
+__all__ = [
+    "BackboneConfig",
+    "ClassifierConfig",
+    "DetectorConfig",
+    "render_backbone",
+    "render_classifier",
+    "render_core_onnx",
+    "render_ensemble",
+    "render_python",
+    "render_stage",
+]
 
 
 @dataclass(frozen=True)
@@ -32,8 +43,13 @@ class DetectorConfig:
     tensorrt_fp16: bool = True
 
 
+def _quoted(value: object) -> str:
+    """A protobuf text string literal (backslashes and quotes escaped)."""
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def _parameters(values: dict[str, object]) -> str:
-    rows = [f'  {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in values.items()]
+    rows = [f'  {{ key: "{k}" value: {{ string_value: {_quoted(v)} }} }}' for k, v in values.items()]
     return "parameters [\n" + ",\n".join(rows) + "\n]\n"
 
 
@@ -192,11 +208,16 @@ def render_ensemble(cfg: DetectorConfig) -> str:
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    """Knobs of a backbone's features model (python backend running onnxruntime)."""
+    """Knobs of a backbone's features model (python backend running onnxruntime).
+
+    Two CPU instances: one decodes and resizes while the other runs the network, each on one
+    onnxruntime thread while both execute, on all cores while one runs alone (docs/performance.md).
+    """
 
     name: str = "dinov3"
     max_batch_size: int = 8
-    instance_count: int = 1
+    batch_delay_us: int = 0
+    instance_count: int = 2
     kind: str = "KIND_CPU"
     intra_op_threads: int = 0
     long_side: int = 448
@@ -229,7 +250,7 @@ def render_backbone(cfg: BackboneConfig) -> str:
     return (
         f'name: "{cfg.name}"\nbackend: "python"\n'
         f"max_batch_size: {cfg.max_batch_size}\n"
-        "dynamic_batching { max_queue_delay_microseconds: 0 }\n"
+        f"dynamic_batching {{ max_queue_delay_microseconds: {cfg.batch_delay_us} }}\n"
         + inputs
         + _tensors("output", outputs)
         + f"instance_group [ {{ count: {cfg.instance_count} kind: {cfg.kind} }} ]\n"
@@ -244,3 +265,40 @@ def render_backbone(cfg: BackboneConfig) -> str:
             }
         )
     )
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Knobs of a classifier head's model; ``kind``/``backbone`` let a client find it without an inference."""
+
+    name: str
+    backbone: str
+    classes: tuple[str, ...]
+    max_batch_size: int = 8
+    instance_count: int = 1
+    intra_op_threads: int = 1
+
+
+def render_classifier(cfg: ClassifierConfig) -> str:
+    """The head model: an encoded image in, class probabilities out (the backbone reached by BLS)."""
+    outputs = [("PROBS", "TYPE_FP32", "-1"), ("MODEL_INFO", "TYPE_STRING", "1")]
+    return (
+        f'name: "{cfg.name}"\nbackend: "python"\n'
+        + _batching_plain(cfg.max_batch_size)
+        + _tensors("input", _IMAGE_IN)
+        + _tensors("output", outputs)
+        + f"instance_group [ {{ count: {cfg.instance_count} kind: KIND_CPU }} ]\n"
+        + "version_policy: { latest: { num_versions: 1 } }\n"
+        + _parameters(
+            {
+                "labelloop_kind": "classifier",
+                "backbone": cfg.backbone,
+                "classes": json.dumps(list(cfg.classes)),
+                "intra_op_threads": cfg.intra_op_threads,
+            }
+        )
+    )
+
+
+def _batching_plain(max_batch_size: int) -> str:
+    return f"max_batch_size: {max_batch_size}\ndynamic_batching {{ max_queue_delay_microseconds: 0 }}\n"

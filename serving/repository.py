@@ -71,6 +71,9 @@ class ModelCard:
     num_register_tokens: int | None = None
     image_mean: list[float] | None = None
     image_std: list[float] | None = None
+    # Heads only: the backbone (name, version) whose features the head was trained on; imgsz is its long side.
+    backbone: str | None = None
+    backbone_version: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

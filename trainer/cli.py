@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -84,19 +84,24 @@ def _settings(**flags: Any) -> Settings:
 
 @app.command("demo-data")
 def demo_data(
-    out: Annotated[Path, typer.Argument(help="Folder for the YOLO dataset (created).")],
+    out: Annotated[Path, typer.Argument(help="Folder for the dataset (created).")],
     n: Annotated[int, typer.Option(help="Number of images.")] = 240,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same files.")] = 0,
+    kind: Annotated[str, typer.Option(help="detector (YOLO boxes) or classifier (images per class).")] = "detector",
 ) -> None:
-    """Write a seeded synthetic defect dataset (dentado, concave, perforation) in YOLO format."""
+    """Write a seeded synthetic dataset: defects in YOLO format, or surface classes (images/ + labels.json)."""
     from trainer.synthetic import write_dataset
+    from trainer.synthetic_classes import write_classifier_dataset
 
+    writers: dict[str, Callable[..., Path]] = {"detector": write_dataset, "classifier": write_classifier_dataset}
+    if kind not in writers:
+        raise fail(ConfigError(f"no demo data for kind {kind!r}; kinds with demo data: {', '.join(writers)}"))
     try:
-        data_yaml = write_dataset(out, n=n, seed=seed)
+        written = writers[kind](out, n=n, seed=seed)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from exc
-    typer.echo(str(data_yaml))
+    typer.echo(str(written))
 
 
 @app.command("bootstrap")
@@ -173,6 +178,12 @@ def bootstrap_command(
 
 @app.command("train")
 def train_command(
+    action: Annotated[
+        str | None,
+        typer.Argument(
+            help="'stop': end the project's running head training at its next suspension, keeping its best."
+        ),
+    ] = None,
     project: Annotated[
         int | None,
         typer.Option(
@@ -195,10 +206,22 @@ def train_command(
     triton_url: TritonUrl = None,
     as_json: AsJson = False,
 ) -> None:
-    """Rebuild the dataset, evaluate the served model, fine-tune, decide by the rules, publish if better."""
+    """Rebuild the dataset, evaluate the served model, fine-tune, decide by the rules, publish if better.
+
+    A project with a labelling session (``labelloop session create``), or whose label config only has
+    controls a head fills, trains that session's head instead: its kind says how.
+    """
     from trainer.pipeline import RunOptions, run_training
     from trainer.source import ExportSource, ProjectSource, Source
 
+    if action not in (None, "stop"):
+        raise fail(ConfigError(f"unknown action {action!r}: the only one is 'stop'"))
+    if project is not None and export is None:
+        settings = _settings(model_repository=model_repository, triton_url=triton_url)
+        if _train_session(settings, project, stop=action == "stop", as_json=as_json):
+            return
+    if action == "stop":
+        raise fail(ConfigError("`train stop` needs --project ID of a labelling session"))
     source: Source
     if project is not None and export is None:
         source = ProjectSource(project)
@@ -225,6 +248,27 @@ def train_command(
         typer.echo(json.dumps(report.to_json(), indent=2))
     else:
         typer.echo(_run_text(report))
+
+
+def _train_session(settings: Settings, project: int, *, stop: bool, as_json: bool) -> bool:
+    """Train (or stop) the project's session head through its kind's ``session_run``; False: not a session."""
+    from trainer.session_source import session_trainer
+
+    try:
+        found = session_trainer(settings, project)
+        if found is None:
+            return False
+        module, session = found
+        if stop:
+            path = module.request_stop(settings, session.model_name)
+            typer.echo(f"stop requested ({path}): the run ends at its next suspension")
+            return True
+        report = module.run(settings, project, session)
+    except LabelloopError as exc:
+        raise fail(exc) from exc
+    document = report.to_json()
+    typer.echo(json.dumps(document, indent=2) if as_json else module.summary(document))
+    return True
 
 
 @app.command("promote")

@@ -52,6 +52,7 @@ __all__ = [
     "TaskLabels",
     "YoloExport",
     "build_dataset",
+    "chosen_annotation",
     "bucket",
     "dataset_names",
     "extract_zip",
@@ -61,6 +62,7 @@ __all__ = [
     "merge_classes",
     "read_yolo_export",
     "summary_table",
+    "task_image_url",
 ]
 
 logger = logging.getLogger(__name__)
@@ -467,7 +469,7 @@ def map_export_labels(export: YoloExport, label_config: str, model_classes: Sequ
     return YoloExport(classes, images, export.unmatched_labels)
 
 
-def _chosen_annotation(task: Mapping[str, Any]) -> Mapping[str, Any] | None:
+def chosen_annotation(task: Mapping[str, Any]) -> Mapping[str, Any] | None:
     """The annotation to train on: completed, not cancelled; ground truth first, then the newest."""
     usable = [
         a
@@ -486,7 +488,7 @@ def _chosen_annotation(task: Mapping[str, Any]) -> Mapping[str, Any] | None:
     )
 
 
-def _task_image_url(task: Mapping[str, Any], to_names: Sequence[str], keys: Mapping[str, str]) -> str | None:
+def task_image_url(task: Mapping[str, Any], to_names: Sequence[str], keys: Mapping[str, str]) -> str | None:
     data = task.get("data") or {}
     for name in [*to_names, *keys]:
         key = keys.get(name)
@@ -511,7 +513,7 @@ def labels_from_tasks(
     config = _task_config(label_config, model_classes)
     found: list[TaskLabels] = []
     for task in tasks:
-        annotation = _chosen_annotation(task)
+        annotation = chosen_annotation(task)
         if annotation is None:
             continue
         boxes: list[Box] = []
@@ -534,7 +536,7 @@ def labels_from_tasks(
             for label in value.get("rectanglelabels") or []:
                 name = label_map.class_for(str(label)) if label_map is not None else str(label)
                 boxes.append(Box(name, *xywhn))
-        url = _task_image_url(task, to_names, config.keys)
+        url = task_image_url(task, to_names, config.keys)
         if url is None:
             logger.warning("task %s has no image URL in its data; skipped", task.get("id"))
             continue

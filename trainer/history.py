@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # `labelloop status` reads the history without the evaluation stack behind the rules
     from core.settings import Settings
-    from trainer.rules import Decision
+    from trainer.rules import Decision, MetricDecision
 
 __all__ = ["HISTORY_FILE", "HOLDOUT_SET", "History", "trainer_dir"]
 
@@ -31,6 +31,11 @@ HISTORY_FILE = "history.jsonl"
 def trainer_dir(settings: Settings) -> Path:
     """The trainer's folder under the state folder (here so that `labelloop status` reads it without the pipeline)."""
     return settings.state_dir / "trainer"
+
+
+def _metric(entry: Mapping[str, Any], metric: str) -> float | None:
+    value = entry.get(metric, (entry.get("metrics") or {}).get(metric))
+    return float(value) if value is not None else None
 
 
 class History:
@@ -57,16 +62,25 @@ class History:
 
     def previous_map50(self, version: int) -> float | None:
         """mAP50 of ``version`` at its latest evaluation on the held-out set (as served, or as the candidate)."""
+        return self.previous_metric(version, "map50")
+
+    def previous_metric(self, version: int, metric: str) -> float | None:
+        """``metric`` of ``version`` at its latest evaluation on the held-out set (as served, or as the candidate).
+
+        A record's ``served`` and ``candidate`` hold the metric either flat or under ``metrics``.
+        """
         found: float | None = None
         for record in self.records():
             if record.get("set") != HOLDOUT_SET:
                 continue
             served = record.get("served") or {}
             candidate = record.get("candidate") or {}
-            if served.get("version") == version and served.get("map50") is not None:
-                found = float(served["map50"])
-            if record.get("published_version") == version and candidate.get("map50") is not None:
-                found = float(candidate["map50"])
+            value = _metric(served, metric)
+            if served.get("version") == version and value is not None:
+                found = value
+            value = _metric(candidate, metric)
+            if record.get("published_version") == version and value is not None:
+                found = value
         return found
 
     def append_run(
@@ -76,7 +90,7 @@ class History:
         served_version: int | None,
         served: Mapping[str, Any] | None,
         candidate: Mapping[str, Any] | None,
-        decision: Decision,
+        decision: Decision | MetricDecision,
         published_version: int | None,
         **context: Any,
     ) -> None:

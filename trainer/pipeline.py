@@ -9,22 +9,18 @@ when the rules say so -> append the history. One run at a time
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from core.errors import ConfigError, LabelloopError, TrainingError
+from core.errors import ConfigError, LabelloopError
 from core.files import write_json_atomic
 from core.settings import Settings
 from serving.client import ModelInfo
@@ -32,6 +28,7 @@ from serving.publish import BuiltModel, build_model
 from trainer.dataset import HOLDOUT_DIR, Dataset, build_dataset
 from trainer.evaluate import EvalResult, evaluate
 from trainer.history import HISTORY_FILE, HOLDOUT_SET, History, trainer_dir
+from trainer.lock import training_lock
 from trainer.publish import ServedModel, find_served, publish_candidate
 from trainer.rules import Decision, Rules, decide
 from trainer.source import ProjectSource, Source
@@ -52,34 +49,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-LOCK_FILE = "train.lock"
 WATCH_STATE_FILE = "watch.json"
 _WATCH_RETRY_S = 300.0
 _ANNOTATION_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED"})
 _START_EVENT = "START_TRAINING"
-
-
-@contextmanager
-def training_lock(folder: Path) -> Iterator[None]:
-    """Hold ``train.lock`` for one run; a second run fails at once instead of waiting."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / LOCK_FILE).open("a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            fh.seek(0)
-            holder = fh.read().strip() or "unknown"
-            raise TrainingError(f"another training run holds {folder / LOCK_FILE} (pid {holder})") from exc
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        try:
-            yield
-        finally:
-            fh.seek(0)
-            fh.truncate()
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)
@@ -588,6 +561,17 @@ def _due(state: _WatchState, every: int, now: float) -> list[int]:
     return sorted(p for p in wanted if state.retry_at.get(p, 0.0) <= now)
 
 
+def _run_project(settings: Settings, project: int, options: RunOptions) -> int | None:
+    """One run for a project: its session's head when it has one (its kind's trainer), else the detector."""
+    from trainer.session_source import session_trainer
+
+    found = session_trainer(settings, project)
+    if found is not None:
+        module, session = found
+        return module.run(settings, project, session).published_version  # type: ignore[no-any-return]
+    return run_training(settings, ProjectSource(project), options).published_version
+
+
 def watch(
     settings: Settings,
     options: RunOptions,
@@ -627,7 +611,7 @@ def watch(
         for target in _due(state, every, time.monotonic()):
             runs += 1
             try:
-                report = run_training(settings, ProjectSource(target), options)
+                published = _run_project(settings, target, options)
             except LabelloopError as exc:
                 logger.error("training project %d failed (retry in %.0fs): %s", target, _WATCH_RETRY_S, exc)
                 state.retry_at[target] = time.monotonic() + _WATCH_RETRY_S
@@ -636,11 +620,6 @@ def watch(
             state.pending.pop(target, None)
             state.retry_at.pop(target, None)
             state.save(state_path)
-            logger.info(
-                "project %d: candidate mAP50 %s, published %s",
-                target,
-                f"{report.candidate.map50:.4f}" if report.candidate else "-",
-                report.published_version,
-            )
+            logger.info("project %d: published %s", target, published if published is not None else "nothing")
         if once or stop.wait(poll_s):
             return runs

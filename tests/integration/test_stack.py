@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -228,6 +229,97 @@ def test_browser_shows_prelabels_as_regions(stack: Stack, demo_dataset: Path) ->
             assert regions.count() == boxes[task_id]
             labels = {"dentado", "concave", "perforation"}
             assert all(any(name in text for name in labels) for text in regions.all_inner_texts())
+        finally:
+            browser.close()
+
+
+def _login(page: Any, url: str, creds: dict[str, str]) -> None:
+    page.goto(f"{url}/user/login/")
+    page.fill("input[name=email]", creds["username"])
+    page.fill("input[name=password]", creds["password"])
+    page.click("button[type=submit]")
+    page.wait_for_url(lambda u: "/user/login" not in u, timeout=60_000)
+
+
+def _fill_model_form(page: Any, title: str, bridge_url: str, auth: tuple[str, str]) -> None:
+    """Label Studio's Connect / Edit Model dialog, as a person fills it: name, URL, basic auth."""
+    page.fill("input[name=title]", title)
+    page.fill("input[name=url]", bridge_url)
+    if page.locator("input[name=basic_auth_user]").count() == 0:
+        page.locator("button", has_text="No Authentication").click()
+        page.get_by_text("Basic Authentication").last.click()
+    page.fill("input[name=basic_auth_user]", auth[0])
+    page.fill("input[name=basic_auth_pass]", auth[1])
+    page.locator("button[type=submit]", has_text="Validate and Save").click()
+
+
+def test_browser_connects_edits_and_shows_a_classifier_s_choices(stack: Stack, tmp_path: Path) -> None:
+    """A classifier session connected and edited in Label Studio's UI; its Choices pre-label seen on a task."""
+    if CHROMIUM is None:
+        pytest.skip("no Chromium on this machine (apt-get install chromium); browser check not run")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    from trainer.synthetic_classes import write_classifier_dataset
+
+    data = write_classifier_dataset(tmp_path / "classes", n=40, seed=21)
+    labels = json.loads((data / "labels.json").read_text())
+    session = tmp_path / "session.yaml"
+    classes = ", ".join(f"{{name: {c}}}" for c in labels["classes"])
+    session.write_text(
+        f"kind: classifier\ntitle: Browser classes\nimages: {data / 'images'}\nclasses: [{classes}]\n"
+        "backbone: demo\nlong_side: 224\n"
+    )
+    created = stack.run("session", "create", str(session), "--no-connect", "--json")
+    assert created.returncode == 0, created.stderr
+    project = json.loads(created.stdout)["project"]
+    state = stack.status()
+    url, bridge_url = str(state["label_studio"]["url"]), str(state["bridge"]["url"])
+    creds = stack.credentials()
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=_CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            _login(page, url, creds)
+            page.goto(f"{url}/projects/{project}/settings/ml")
+            page.locator("button", has_text="Connect Model").first.click()
+            _fill_model_form(page, "labelloop", bridge_url, stack.bridge_auth())
+            page.get_by_text("Connected").first.wait_for(timeout=60_000)
+            page.locator('button[aria-label="Machine learning model options"]').click()
+            page.get_by_text("Edit", exact=True).click()
+            _fill_model_form(page, "labelloop classifier", bridge_url, stack.bridge_auth())
+            page.get_by_text("labelloop classifier").first.wait_for(timeout=60_000)
+            with stack.studio() as api:
+                (backend,) = api.ml_backends(project)
+                assert (backend["title"], backend["readable_state"]) == ("labelloop classifier", "Connected")
+                tasks = api.tasks(project)
+                truth = {t["id"]: labels["labels"][str(t["data"]["image"]).rsplit("-", 1)[-1]] for t in tasks}
+                for task in tasks[:28]:
+                    result = [
+                        {
+                            "from_name": "choice",
+                            "to_name": "image",
+                            "type": "choices",
+                            "value": {"choices": [truth[task["id"]]]},
+                        }
+                    ]
+                    api.create_annotation(task["id"], result)
+            trained = stack.run("train", "--project", str(project), "--json")
+            assert trained.returncode == 0, trained.stderr
+            assert json.loads(trained.stdout)["published_version"] == 1
+            # Actions -> Retrieve predictions (the Data Manager action), then the task shows the head's class.
+            with stack.studio() as api:
+                api.retrieve_predictions(project)
+            task_id = tasks[-1]["id"]
+            page.goto(f"{url}/projects/{project}/data?task={task_id}")
+            checked = page.locator(".lsf-choices input[type=checkbox]:checked")
+            checked.first.wait_for(state="attached", timeout=60_000)
+            page.wait_for_load_state("networkidle")
+            page.screenshot(path=str(ARTIFACTS / "label-studio-choices.png"))
+            shown = checked.first.get_attribute("name")
+            with stack.studio() as api:
+                stored = [p for p in api.predictions(task_id) if p["model_version"] == "browser-classes@v1"]
+            assert stored and [stored[-1]["result"][0]["value"]["choices"][0]] == [shown]
+            assert shown in labels["classes"]
         finally:
             browser.close()
 

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from core.events import EventStore
 from core.settings import Settings
-from ls_bridge.predictor import model_version_name
+from core.studio import model_version_name
 from tests.conftest import TEST_IMGSZ, TritonHandle
 from tests.integration.conftest import BridgeServer
 from tests.integration.test_trainer import serve_a_weaker_version, served_version

@@ -14,7 +14,14 @@ from core import kinds
 from core.errors import ConfigError, RepositoryError
 from core.kinds import KINDS, DeployRule, Kind, RuntimeFile, TritonModel, kind, register_kind, runtime_source
 from serving.client import config_from_pbtxt
-from serving.pbtxt import BackboneConfig, DetectorConfig, render_backbone, render_python
+from serving.pbtxt import (
+    BackboneConfig,
+    ClassifierConfig,
+    DetectorConfig,
+    render_backbone,
+    render_classifier,
+    render_python,
+)
 from serving.repository import ModelCard, ModelRepository, runtime_files
 from tests.conftest import free_port
 
@@ -51,7 +58,7 @@ def test_every_module_an_available_kind_names_exists_and_unavailable_kinds_name_
         else:
             assert entry.modules() == {} and not entry.triton_models, entry.name
     assert [f.name for f in kind("detector").runtime if f.name == "model.py"] == ["model.py"]
-    assert sorted(k.name for k in KINDS.values() if k.available) == ["backbone", "detector"]
+    assert sorted(k.name for k in KINDS.values() if k.available) == ["backbone", "classifier", "detector"]
 
 
 def _tensors(text: str) -> tuple[set[str], set[str], set[str]]:
@@ -63,11 +70,22 @@ def _tensors(text: str) -> tuple[set[str], set[str], set[str]]:
 
 @pytest.mark.parametrize(
     ("name", "text"),
-    [("detector", render_python(DetectorConfig())), ("backbone", render_backbone(BackboneConfig()))],
+    [
+        ("detector", render_python(DetectorConfig())),
+        ("backbone", render_backbone(BackboneConfig())),
+        ("classifier", render_classifier(ClassifierConfig("cls", "dinov3", ("a", 'b "quoted"')))),
+    ],
 )
 def test_the_registry_tensor_names_are_those_the_triton_config_declares(name: str, text: str) -> None:
     (model,) = kind(name).triton_models
     assert _tensors(text) == (set(model.inputs), set(model.optional_inputs), set(model.outputs))
+
+
+def test_the_classifier_config_carries_what_the_bridge_routes_by() -> None:
+    config = config_from_pbtxt(render_classifier(ClassifierConfig("cls", "dinov3", ("a", 'b "quoted"'))))
+    params = {k: v["string_value"] for k, v in config["parameters"].items()}
+    assert params["labelloop_kind"] == "classifier" and params["backbone"] == "dinov3"
+    assert json.loads(params["classes"]) == ["a", 'b "quoted"']
 
 
 def test_an_unknown_kind_is_a_clear_error() -> None:
@@ -75,8 +93,8 @@ def test_an_unknown_kind_is_a_clear_error() -> None:
         kind("pose")
     with pytest.raises(RepositoryError, match="no Triton runtime for model kind 'pose'; kinds with one: backbone"):
         runtime_files("pose")
-    with pytest.raises(RepositoryError, match=r"no Triton runtime for model kind 'classifier' \(it has none yet\)"):
-        runtime_files("classifier")
+    with pytest.raises(RepositoryError, match=r"no Triton runtime for model kind 'segmenter' \(it has none yet\)"):
+        runtime_files("segmenter")
 
 
 def test_a_taken_name_needs_replace() -> None:
@@ -89,16 +107,17 @@ def test_each_kind_gets_its_own_client_class() -> None:
     from serving.backbone import FeaturesClient
     from serving.client import DetectorClient
     from serving.control import kind_client
+    from serving.heads import ClassifierClient
 
     async def classes() -> list[type]:
         found = []
-        for name in ("detector", "backbone"):
+        for name in ("detector", "backbone", "classifier"):
             client = kind_client(name, "127.0.0.1:1", "m", timeout_s=1.0)
             found.append(type(client))
             await client.close()
         return found
 
-    assert asyncio.run(classes()) == [DetectorClient, FeaturesClient]
+    assert asyncio.run(classes()) == [DetectorClient, FeaturesClient, ClassifierClient]
     with pytest.raises(RepositoryError, match="m is a segmenter, which labelloop cannot serve yet"):
         kind_client("segmenter", "127.0.0.1:1", "m")
     with pytest.raises(RepositoryError, match="m: unknown model kind 'pose'"):

@@ -109,3 +109,11 @@ def test_an_invalid_setting_is_one_line_from_the_command(tmp_path: Path) -> None
     done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == ["error: invalid settings: precision: Input should be 'fp32' or 'int8'"]
+
+
+def test_the_triton_url_follows_the_port_triton_is_served_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commands after `up` with LABELLOOP_GRPC_PORT reach the Triton it started, not the default port."""
+    monkeypatch.setenv("LABELLOOP_GRPC_PORT", "18101")
+    assert load_settings().triton_url == "127.0.0.1:18101"
+    monkeypatch.setenv("LABELLOOP_TRITON_URL", "triton.internal:9001")
+    assert load_settings().triton_url == "triton.internal:9001", "an explicit URL wins"

@@ -74,3 +74,25 @@ def test_a_failed_run_is_kept_for_later(settings: Settings, monkeypatch: pytest.
     assert _watch(settings) == 1
     state = json.loads((settings.state_dir / "trainer" / "watch.json").read_text())
     assert state["requested"] == [7]
+
+
+def test_a_project_with_a_classifier_session_trains_its_head(
+    settings: Settings, runs: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.session import ClassSpec, Session, record_session
+    from trainer import classifier_run
+
+    heads: list[tuple[int, str]] = []
+
+    def fake_head_run(settings: Settings, project: int, session: Session) -> Any:
+        heads.append((project, session.model_name))
+        return type("Report", (), {"published_version": 2})()
+
+    monkeypatch.setattr(classifier_run, "run", fake_head_run)
+    session = Session(kind="classifier", title="Surface", classes=(ClassSpec(name="a"), ClassSpec(name="b")))
+    record_session(settings.state_dir, session, 11)
+    store = EventStore.for_settings(settings)
+    _event(store, "START_TRAINING", project=11)
+    _event(store, "START_TRAINING", project=7)
+    assert _watch(settings) == 2
+    assert heads == [(11, "surface")] and runs == [7], "the session's head for 11, the detector for 7"
