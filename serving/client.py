@@ -191,26 +191,13 @@ class DetectorClient:
         them; the ensemble variant refuses the request (an ``InferenceError``). ``deadline``
         (``time.monotonic()``) bounds the call, the wait for a slot and retries included.
         """
-        tensor = grpcclient.InferInput(IMAGE_INPUT, [1, 1], "BYTES")
-        tensor.set_data_from_numpy(np.array([[image]], dtype=np.object_))
         params: dict[str, Any] = {}
         if conf is not None:
             params["score_threshold"] = float(conf)
         if iou is not None:
             params["iou_threshold"] = float(iou)
-        outputs = [grpcclient.InferRequestedOutput(n) for n in ((*OUTPUTS, "STAGE_MS") if stages else OUTPUTS)]
-        async with self._slots:
-            started = time.perf_counter()
-            result = await self._call(
-                f"{self.model_name} inference",
-                self._client.infer,
-                self.model_name,
-                [tensor],
-                outputs=outputs,
-                parameters=params or None,
-                deadline=deadline,
-            )
-            elapsed = time.perf_counter() - started
+        outputs = (*OUTPUTS, "STAGE_MS") if stages else OUTPUTS
+        result, elapsed = await self.infer_image(image, outputs, deadline, params or None)
         model = self._model_info(result.as_numpy("MODEL_INFO")[0, 0])
         names = model.classes
         n = int(result.as_numpy("NUM_DETECTIONS")[0, 0])
@@ -239,6 +226,29 @@ class DetectorClient:
             detections=detections,
             stats=stats,
         )
+
+    async def infer_image(
+        self,
+        image: bytes,
+        outputs: Sequence[str],
+        deadline: float | None = None,
+        parameters: dict[str, Any] | None = None,
+    ) -> tuple[Any, float]:
+        """One request carrying one encoded image: the result and its round trip once a slot was free."""
+        tensor = grpcclient.InferInput(IMAGE_INPUT, [1, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[image]], dtype=np.object_))
+        async with self._slots:
+            started = time.perf_counter()
+            result = await self._call(
+                f"{self.model_name} inference",
+                self._client.infer,
+                self.model_name,
+                [tensor],
+                outputs=[grpcclient.InferRequestedOutput(n) for n in outputs],
+                parameters=parameters,
+                deadline=deadline,
+            )
+            return result, time.perf_counter() - started
 
     async def detect_many(
         self, images: Sequence[bytes], conf: float | None = None, iou: float | None = None

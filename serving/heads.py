@@ -50,20 +50,9 @@ class ClassifierClient(DetectorClient):
 
     async def classify(self, image: bytes, deadline: float | None = None) -> ImageClasses:
         """Class probabilities of one encoded image (one request: a bad image fails alone)."""
-        tensor = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
-        tensor.set_data_from_numpy(np.array([[image]], dtype=np.object_))
-        outputs = [grpcclient.InferRequestedOutput(n) for n in ("PROBS", "MODEL_INFO")]
-        async with self._slots:
-            result = await self._call(
-                f"{self.model_name} inference",
-                self._client.infer,
-                self.model_name,
-                [tensor],
-                outputs=outputs,
-                deadline=deadline,
-            )
+        result, elapsed = await self.infer_image(image, ("PROBS", "MODEL_INFO"), deadline)
         model = self._model_info(result.as_numpy("MODEL_INFO")[0, 0])
-        return ImageClasses(probs=result.as_numpy("PROBS")[0], model=model)
+        return ImageClasses(probs=result.as_numpy("PROBS")[0], model=model, stats={"round_trip_s": elapsed})
 
     async def info(self) -> ModelInfo:
         """The served version and its classes, proven by a real inference (backbone included)."""
