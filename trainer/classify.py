@@ -11,8 +11,7 @@ so a head trains in seconds on the CPU. The head (``ARCH``):
 Why not FIELD-NOTES §7's head (two 3x3 convs with BatchNorm, average pool, linear): on the random-init
 demo backbone it is the slowest and the least accurate choice, and BatchNorm needs batches of padded
 grids and running statistics that the padding skews. Held-out accuracy, 60 train / 40 test images of
-``trainer.synthetic_classes``, 4 classes, generator seeds 0/1/2 (full table:
-``notes/classify-results.md``):
+``trainer.synthetic_classes``, 4 classes, generator seeds 0/1/2 (docs/classifier.md, "Choosing the head"):
 
     §7 head (batched, BatchNorm over valid cells only), average pool   0.33-0.43, 15-70 s
     linear on standardised pooled statistics of the raw tokens         0.68-0.80

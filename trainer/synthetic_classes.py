@@ -193,7 +193,7 @@ def _cracked(rng: np.random.Generator, albedo: FloatArray, colour: FloatArray, s
     di = np.asarray([o[0] for o in offsets])[owner]
     dj = np.asarray([o[1] for o in offsets])[owner]
     albedo += shade[ci + di, cj + dj]
-    width = rng.uniform(0.8, 1.6) * unit
+    width = rng.uniform(1.6, 3.0) * unit
     cover = np.clip(width - gap + 0.5, 0.0, 1.0)
     albedo[:] = albedo * (1 - cover) + rng.uniform(0.03, 0.15) * cover
 
