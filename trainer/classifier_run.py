@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import torch
 
 from core.errors import ConfigError, LabelloopError, PublishError, RepositoryError
 from core.session import DEMO_BACKBONE, Session
@@ -399,7 +400,14 @@ def _train(
             return False
         return True
 
-    result = train_head(tokens, labels, session.class_names, params, warm=warm, on_epoch=on_epoch)
+    # One thread: the head is small, and beside Triton and Label Studio two threads fight for the cores
+    # (measured 12-14 s against 89-92 s for one training under load). The process's setting comes back.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = train_head(tokens, labels, session.class_names, params, warm=warm, on_epoch=on_epoch)
+    finally:
+        torch.set_num_threads(threads)
     report.epochs = result.epochs
     report.interim_writes = interim.written
     return HeadCheckpoint.from_head(result.head, session.class_names)

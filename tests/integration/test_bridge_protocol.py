@@ -109,16 +109,18 @@ def test_setup_accepts_extra_params_as_label_studio_sends_them(bridge: BridgeSer
 
 
 def test_setup_answers_the_model_version_and_refuses_configs_with_nothing_to_predict(bridge: BridgeServer) -> None:
+    text_only = '<View><Image name="image" value="$image"/><TextArea name="c" toName="image"/></View>'
     choices_only = (
         '<View><Image name="image" value="$image"/>'
-        '<Choices name="c" toName="image"><Choice value="a"/></Choices></View>'
+        '<Choices name="c" toName="image"><Choice value="a"/><Choice value="b"/></Choices></View>'
     )
     with bridge.client() as client:
         good = client.post(
             "/setup",
             json={"project": "1.1700000000", "schema": SEED_CONFIG, "hostname": "http://x", "access_token": "t"},
         )
-        bad = client.post("/setup", json={"project": "1.1700000000", "schema": choices_only})
+        bad = client.post("/setup", json={"project": "1.1700000000", "schema": text_only})
+        head_to_come = client.post("/setup", json={"project": "1.1700000000", "schema": choices_only})
         no_match = client.post(
             "/setup",
             json={
@@ -131,9 +133,11 @@ def test_setup_answers_the_model_version_and_refuses_configs_with_nothing_to_pre
     assert bad.status_code == 400
     assert bad.json() == {
         "detail": "nothing to pre-label in this label config: it needs a RectangleLabels -> Image pair "
-        "(found: Choices 'c' -> image)",
+        "(found: TextArea 'c' -> image)",
         "error": "ConfigError",
     }
+    # A Choices config is a classifier's: before any head is served it names the head to come at v0.
+    assert head_to_come.status_code == 200 and head_to_come.json() == {"model_version": "classifier@v0"}
     assert no_match.status_code == 400 and "dentado, concave, perforation" in no_match.json()["detail"]
 
 
