@@ -101,11 +101,13 @@ async def load_repository(
 
     Every model must load: a model left unloaded would fail its users' requests later, and less clearly.
     """
-    names = repo.models()
-    if first is not None:
-        names = [first, *(n for n in names if n != first)]
-    # Kinds that answer no control (backbones) serve the others (heads reach them by BLS): they load first.
-    names.sort(key=lambda n: bool(kinds.KINDS[k].control_tags) if (k := repo.kind(n)) in kinds.KINDS else True)
+
+    # ``first``, then kinds that answer no control (backbones): the heads that reach them by BLS load after.
+    def order(name: str) -> tuple[bool, bool, str]:
+        entry = kinds.KINDS.get(repo.kind(name))
+        return name != first, entry is None or bool(entry.control_tags), name
+
+    names = sorted({*repo.models(), *([first] if first is not None else [])}, key=order)
     loaded = []
     for name in names:
         kind = repo.kind(name)
