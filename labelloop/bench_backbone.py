@@ -229,7 +229,7 @@ class BackboneBench:
 
 def run_backbone_bench(settings: Settings, plan: BenchPlan, arch: str | None = None) -> dict[str, Any]:
     """The backbone section alone: its own tritonserver holding only the backbone; the section as a dict."""
-    from labelloop.bench_report import _backbone as backbone_section  # the full bench's own section
+    from labelloop.bench_report import backbone_section
     from labelloop.bench_rig import free_port, machine_info, render_images
     from serving.launcher import TritonProcess
 
@@ -262,7 +262,7 @@ def run_backbone_bench(settings: Settings, plan: BenchPlan, arch: str | None = N
 def main(argv: list[str] | None = None) -> int:
     """``python -m labelloop.bench_backbone``: the backbone section alone; markdown on stdout."""
     from core.settings import load_settings
-    from labelloop.bench_report import _backbone_tables as backbone_tables
+    from labelloop.bench_report import backbone_tables
     from labelloop.bench_rig import FULL, QUICK
 
     parser = argparse.ArgumentParser(prog="python -m labelloop.bench_backbone", description=main.__doc__)

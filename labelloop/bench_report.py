@@ -23,7 +23,16 @@ if TYPE_CHECKING:
     from labelloop.bench_rig import BackboneTally, BenchImage, BenchPlan, ProcessMonitor, Tally
     from serving.client import ModelInfo
 
-__all__ = ["METHODS", "RATIO_DEFINITIONS", "TARGETS", "build_report", "render_markdown", "write_png"]
+__all__ = [
+    "METHODS",
+    "RATIO_DEFINITIONS",
+    "TARGETS",
+    "backbone_section",
+    "backbone_tables",
+    "build_report",
+    "render_markdown",
+    "write_png",
+]
 
 METHODS: dict[str, str] = {
     "raw": "(a) onnxruntime InferenceSession(served ONNX, default options: all cores, ORT_ENABLE_ALL).run on the "
@@ -185,7 +194,7 @@ def _backbone_order(load: str) -> tuple[int, int]:
     return ({"raw": 0, "pipeline": 1}.get(load, 2), _load_order(load))
 
 
-def _backbone(tally: BackboneTally) -> dict[str, Any]:
+def backbone_section(tally: BackboneTally) -> dict[str, Any]:
     """The backbone section: per long side, latency and throughput of each method, and Triton over raw."""
     sides: dict[str, Any] = {}
     for side in sorted({side for _, side in tally.work}):
@@ -254,9 +263,9 @@ def build_report(
         "bridge_vs_raw_p50": latency["bridge"]["p50"] / latency["raw"]["p50"],
         "seed_vs_raw_p50": latency["seed"]["p50"] / latency["raw"]["p50"],
     }
-    backbone_section = _backbone(backbone) if backbone is not None else None
-    if backbone_section is not None:
-        per_side = [row["triton_vs_raw_throughput"] for row in backbone_section["long_sides"].values()]
+    section = backbone_section(backbone) if backbone is not None else None
+    if section is not None:
+        per_side = [row["triton_vs_raw_throughput"] for row in section["long_sides"].values()]
         if per_side and None not in per_side:
             ratios["backbone_triton_vs_raw_throughput"] = min(per_side)
     ratios = {k: round(v, 3) for k, v in ratios.items()}
@@ -310,7 +319,7 @@ def build_report(
         "conf0": _conf0(harness),
         "fast_jpeg_decode": harness.jpeg_decode,
         "per_load": _per_load(harness, throughput),
-        **({"backbone": backbone_section} if backbone_section is not None else {}),
+        **({"backbone": section} if section is not None else {}),
         "ratios": ratios,
         "ratio_definitions": RATIO_DEFINITIONS,
         "targets": targets,
@@ -396,7 +405,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 ["agreement of on with off (F1, same class, IoU >= 0.5)", jpeg["agreement_f1"], ""],
             ],
         )
-    lines += _backbone_tables(report.get("backbone"))
+    lines += backbone_tables(report.get("backbone"))
     peak = report["peak_rss_mb"]
     lines += _table(
         ["process", "peak RSS MB"],
@@ -413,7 +422,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _backbone_tables(section: dict[str, Any] | None) -> list[str]:
+def backbone_tables(section: dict[str, Any] | None) -> list[str]:
     """The backbone's latency and throughput per long side, with Triton over raw."""
     if not section:
         return []
