@@ -218,16 +218,15 @@ def _warm(served: _Served | None, classes: tuple[str, ...], hidden: int) -> tupl
     if served is None or served.weights is None:
         return None, "none: no served head"
     checkpoint = HeadCheckpoint.load(served.weights)
+    why = None
     if checkpoint.hidden != hidden:
-        return (
-            None,
-            f"refused: the served head v{served.version} reads {checkpoint.hidden}-d tokens, these are {hidden}-d",
-        )
-    if tuple(checkpoint.classes) != classes:
+        why = f"refused: the served head v{served.version} reads {checkpoint.hidden}-d tokens, these are {hidden}-d"
+    elif tuple(checkpoint.classes) != classes:
         why = (
             f"refused: the served head v{served.version} has classes [{', '.join(checkpoint.classes)}], "
             f"the session [{', '.join(classes)}]; training from scratch"
         )
+    if why is not None:
         logger.warning("warm start %s", why)
         return None, why
     return checkpoint, f"from served v{served.version}"
