@@ -245,9 +245,13 @@ def _fill_model_form(page: Any, title: str, bridge_url: str, auth: tuple[str, st
     """Label Studio's Connect / Edit Model dialog, as a person fills it: name, URL, basic auth."""
     page.fill("input[name=title]", title)
     page.fill("input[name=url]", bridge_url)
-    if page.locator("input[name=basic_auth_user]").count() == 0:
-        page.locator("button", has_text="No Authentication").click()
+    # Label Studio 1.23's Edit dialog shows the basic-auth fields of a saved backend but opens its
+    # method selector on "No Authentication", and saves what the selector shows: pick it every time.
+    method = page.locator("button", has_text="No Authentication")
+    if method.count():
+        method.first.click()
         page.get_by_text("Basic Authentication").last.click()
+    page.locator("input[name=basic_auth_user]").wait_for()
     page.fill("input[name=basic_auth_user]", auth[0])
     page.fill("input[name=basic_auth_pass]", auth[1])
     page.locator("button[type=submit]", has_text="Validate and Save").click()
