@@ -42,11 +42,15 @@ class FeatureKey:
 
 
 class MemoryFeatureCache:
-    """An LRU of feature grids bounded by their total size in MB; safe to share between threads."""
+    """An LRU of feature grids bounded by their total size in MB; safe to share between threads.
+
+    An entry may carry a small ``extra`` beside its tokens (a segmenter keeps the image's size there,
+    so a click on a cached image needs neither the backbone nor a decode).
+    """
 
     def __init__(self, max_mb: float) -> None:
         self.max_bytes = int(max_mb * 1024 * 1024)
-        self._items: OrderedDict[FeatureKey, Tokens] = OrderedDict()
+        self._items: OrderedDict[FeatureKey, tuple[Tokens, Any]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
@@ -60,29 +64,34 @@ class MemoryFeatureCache:
         return self._bytes
 
     def get(self, key: FeatureKey) -> Tokens | None:
+        entry = self.get_entry(key)
+        return None if entry is None else entry[0]
+
+    def get_entry(self, key: FeatureKey) -> tuple[Tokens, Any] | None:
+        """The tokens and the ``extra`` stored with them, or None."""
         with self._lock:
-            tokens = self._items.get(key)
-            if tokens is None:
+            entry = self._items.get(key)
+            if entry is None:
                 self.misses += 1
                 return None
             self._items.move_to_end(key)
             self.hits += 1
-            return tokens
+            return entry
 
-    def put(self, key: FeatureKey, tokens: Tokens) -> None:
+    def put(self, key: FeatureKey, tokens: Tokens, extra: Any = None) -> None:
         """Keep ``tokens`` (as fp16), evicting the least recently used; a grid over the whole budget is not kept."""
         tokens = np.asarray(tokens, np.float16)
         tokens.setflags(write=False)  # shared by every reader: nobody may change it in place
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:
-                self._bytes -= old.nbytes
+                self._bytes -= old[0].nbytes
             if tokens.nbytes > self.max_bytes:
                 return
-            self._items[key] = tokens
+            self._items[key] = (tokens, extra)
             self._bytes += tokens.nbytes
             while self._bytes > self.max_bytes:
-                _, evicted = self._items.popitem(last=False)
+                _, (evicted, _) = self._items.popitem(last=False)
                 self._bytes -= evicted.nbytes
 
 

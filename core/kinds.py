@@ -82,6 +82,8 @@ class Kind:
     label_config: str | None = None
     # trainer: the module whose ``run(settings, project, session)``, ``request_stop`` and ``summary`` train a session.
     session_run: str | None = None
+    # Label Studio connects the model as interactive: a person's clicks reach /predict as they are placed.
+    interactive: bool = False
     available: bool = True
     description: str = field(default="", compare=False)
 
@@ -140,6 +142,7 @@ def runtime_source(module: str) -> Path:
 
 
 _IMAGE_DECODE = RuntimeFile("core.image_decode", "image_decode.py")
+_HEAD_OPS = RuntimeFile("serving.triton.head_ops", "head_ops.py")
 
 _BUILTIN = (
     Kind(
@@ -191,7 +194,7 @@ _BUILTIN = (
         control_tags=("Choices",),
         triton_models=(TritonModel(suffix="", inputs=("IMAGE",), outputs=("PROBS", "MODEL_INFO")),),
         rule=DeployRule("macro_f1"),
-        runtime=(RuntimeFile("serving.triton.classifier_model", "model.py"),),
+        runtime=(RuntimeFile("serving.triton.classifier_model", "model.py"), _HEAD_OPS),
         client="serving.heads.ClassifierClient",
         results="ls_bridge.choices",
         dataset="trainer.choices_data",
@@ -200,14 +203,26 @@ _BUILTIN = (
         label_config="core.session.choices_config",
         session_run="trainer.classifier_run",
     ),
-    # Announced; its modules arrive with its issue.
     Kind(
         name="segmenter",
-        description="masks from a head on backbone features, trained from points",
+        description="per-class masks from a head on the backbone's patch tokens, trained from points (BLS)",
         control_tags=("BrushLabels", "KeyPointLabels"),
-        triton_models=(),
+        triton_models=(TritonModel(suffix="", inputs=("IMAGE",), outputs=("PROBS", "IMAGE_SIZE", "MODEL_INFO")),),
         rule=DeployRule("miou"),
-        available=False,
+        runtime=(
+            RuntimeFile("serving.triton.segmenter_model", "model.py"),
+            _HEAD_OPS,
+            RuntimeFile("core.masks", "masks.py"),
+            RuntimeFile("core.feature_cache", "feature_cache.py"),
+        ),
+        client="serving.heads.SegmenterClient",
+        results="ls_bridge.segments",
+        dataset="trainer.points_data",
+        training="trainer.segment",
+        evaluation="trainer.segment",
+        label_config="core.session.segmenter_config",
+        session_run="trainer.segmenter_run",
+        interactive=True,
     ),
 )
 for _entry in _BUILTIN:

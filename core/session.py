@@ -21,6 +21,7 @@ from core.errors import ConfigError
 from core.files import write_atomic
 
 __all__ = [
+    "BACKGROUND",
     "DEMO_BACKBONE",
     "SESSIONS_DIR",
     "ClassSpec",
@@ -31,10 +32,14 @@ __all__ = [
     "load_session",
     "read_recorded",
     "record_session",
+    "segmenter_config",
     "slug",
 ]
 
 SESSIONS_DIR = "sessions"
+# The segmenter's point label for "not any class" (KeyPointLabels).
+BACKGROUND = "background"
+_BACKGROUND_COLOUR = "#9e9e9e"
 # `backbone: demo` names the random-init demo backbone, published under this model name.
 DEMO_BACKBONE = "demo"
 _COLOUR = re.compile(r"^#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})$")
@@ -96,9 +101,11 @@ class Session(_Strict):
     # The head's model name in the repository; default: from the title.
     name: str | None = None
     images: Path | None = None
-    classes: tuple[ClassSpec, ...] = Field(min_length=2)
+    classes: tuple[ClassSpec, ...] = Field(min_length=1)
     backbone: str = DEMO_BACKBONE
     long_side: int = Field(default=448, ge=16, le=2048)
+    # Segmenters: the probability above which a pixel is in a class's mask.
+    mask_threshold: float = Field(default=0.5, gt=0, lt=1)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     rule: RuleSpec = Field(default_factory=RuleSpec)
     # Set when the session is recorded for a Label Studio project.
@@ -117,6 +124,10 @@ class Session(_Strict):
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise ValueError(f"classes listed twice: {', '.join(twice)}")
+        if self.kind == "classifier" and len(names) < 2:
+            raise ValueError("a classifier needs at least two classes")
+        if self.kind == "segmenter" and any(n.lower() == BACKGROUND for n in names):
+            raise ValueError(f"{BACKGROUND!r} is the segmenter's background point label, not a class")
         return self
 
     @property
@@ -189,5 +200,25 @@ def choices_config(session: Session, **_: Any) -> str:
         '  <Choices name="choice" toName="image" choice="single" showInline="true">\n'
         f"{choices}\n"
         "  </Choices>\n"
+        "</View>\n"
+    )
+
+
+def segmenter_config(session: Session, **_: Any) -> str:
+    """The segmenter's label config: smart ``<KeyPointLabels>`` (classes + background) and ``<BrushLabels>``.
+
+    ``smart="true"`` makes Label Studio send each point a person places to the interactive model.
+    """
+    labels = [f"    <Label value={quoteattr(c.name)} background={quoteattr(c.color)}/>" for c in session.classes]
+    background = f"    <Label value={quoteattr(BACKGROUND)} background={quoteattr(_BACKGROUND_COLOUR)}/>"
+    return (
+        "<View>\n"
+        '  <Image name="image" value="$image" zoom="true"/>\n'
+        '  <KeyPointLabels name="points" toName="image" smart="true">\n'
+        + "\n".join([*labels, background])
+        + "\n  </KeyPointLabels>\n"
+        '  <BrushLabels name="mask" toName="image">\n'
+        + "\n".join(labels)
+        + "\n  </BrushLabels>\n"
         "</View>\n"
     )

@@ -319,15 +319,21 @@ class StudioClient:
         return list(await self._call("GET", "/api/ml/", params={"project": project_id}) or [])
 
     async def ensure_ml_backend(
-        self, project_id: int, url: str, auth: BasicCredentials | None, title: str = "labelloop"
+        self,
+        project_id: int,
+        url: str,
+        auth: BasicCredentials | None,
+        title: str = "labelloop",
+        interactive: bool = False,
     ) -> int:
         """Connect the bridge as the project's model (once), then make its auth match ``auth``.
 
         Label Studio checks ``/health`` and ``/setup`` with the given credentials before it saves them.
+        ``interactive`` makes Label Studio send a person's clicks (smart tools) to ``/predict`` as they are made.
         """
-        fields: dict[str, Any] = {"auth_method": "NONE"}
+        fields: dict[str, Any] = {"auth_method": "NONE", "is_interactive": interactive}
         if auth is not None:
-            fields = {
+            fields |= {
                 "auth_method": "BASIC_AUTH",
                 "basic_auth_user": auth.user,
                 "basic_auth_pass": auth.password.get_secret_value(),
@@ -342,7 +348,7 @@ class StudioClient:
         created = await self._call(
             "POST",
             "/api/ml/",
-            json={"project": project_id, "url": url, "title": title, "is_interactive": False, **fields},
+            json={"project": project_id, "url": url, "title": title, **fields},
         )
         await self.use_predictions(project_id)
         logger.info("connected ML backend %s to project %d", url, project_id)

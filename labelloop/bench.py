@@ -40,11 +40,14 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
+import click
 import typer
+from typer.models import CommandInfo
 
 from core.console import fail
 from core.errors import ConfigError, InferenceError, LabelloopError
 from core.settings import Settings, load_settings
+from labelloop.bench_learning import learning
 from labelloop.bench_rig import (
     FULL,
     JPEG_QUALITY,
@@ -72,6 +75,11 @@ __all__ = ["Harness", "app", "metric_sum", "parse_metrics", "run_bench"]
 
 logger = logging.getLogger(__name__)
 app = typer.Typer(no_args_is_help=True)
+# ``labelloop bench`` is a group: run bare, its callback is the serving bench; ``bench learning`` is
+# the active-learning simulation (:mod:`labelloop.bench_learning`). labelloop/cli.py gathers each
+# module's ``app.registered_commands`` into one app, so the group enters it as a command entry whose
+# ``cls`` builds the group (see the end of this module).
+group = typer.Typer(name="bench", no_args_is_help=False)
 
 TRITON_CONCURRENCY = (1, 2, 4, 8)
 BRIDGE_TASKS = (1, 8, 64)
@@ -630,7 +638,12 @@ def run_bench(settings: Settings, plan: BenchPlan) -> dict[str, Any]:
         backbone.tally.publish_s = publish_s
         asyncio.run(backbone.measure(triton.grpc_url, repo))
         bar.update()
-    return build_report(
+
+        bar.total += 1
+        bar.set_postfix_str("segmenter: interactive clicks")
+        segmenter = _segmenter(settings, plan, repo, root / "segmenter", triton.grpc_url)
+        bar.update()
+    report = build_report(
         harness=harness,
         monitor=monitor,
         machine=machine_info() | {"load_average_before": load_before, "load_average_after": os.getloadavg()},
@@ -639,14 +652,33 @@ def run_bench(settings: Settings, plan: BenchPlan) -> dict[str, Any]:
         duration_s=time.perf_counter() - started,
         backbone=backbone.tally,
     )
+    report["segmenter"] = segmenter
+    return report
+
+
+def _segmenter(settings: Settings, plan: BenchPlan, repo: ModelRepository, work: Path, url: str) -> dict[str, Any]:
+    """The interactive click section (:mod:`labelloop.bench_segmenter`), on the backbone the section before loaded."""
+    from labelloop.bench_segmenter import (
+        FULL_IMAGES,
+        QUICK_IMAGES,
+        SegmenterBench,
+        segmenter_section,
+        train_bench_segmenter,
+    )
+
+    _, held_out, model = train_bench_segmenter(settings, repo, work)
+    bench = SegmenterBench(held_out, QUICK_IMAGES if plan.images <= QUICK.images else FULL_IMAGES, model)
+    asyncio.run(bench.measure(url, repo, settings.triton_timeout_s))
+    return segmenter_section(bench.tally)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-@app.command()
+@group.callback(invoke_without_command=True)
 def bench(
+    ctx: typer.Context,
     quick: Annotated[
         bool, typer.Option("--quick", help="Fewer images and rounds (under 3 minutes on 2 cores).")
     ] = False,
@@ -662,7 +694,10 @@ def bench(
     """Time raw onnxruntime, Triton, the bridge and the seed's ultralytics on the same images; print ratios.
 
     Then the demo DINOv3 backbone: Triton against raw onnxruntime on the same ONNX at long sides 224 and 448.
+    `labelloop bench learning --kind KIND` instead simulates active learning (labels saved against random).
     """
+    if ctx.invoked_subcommand is not None:
+        return
     from labelloop.bench_report import render_markdown, write_png
 
     plan = QUICK if quick else FULL
@@ -685,3 +720,14 @@ def bench(
     if png_out is not None:
         write_png(report, png_out)
     typer.echo(markdown)
+
+
+group.command("learning")(learning)
+
+
+def _bench_group(**_: Any) -> click.Command:
+    """The ``bench`` group, built where typer builds a command from the entry below."""
+    return typer.main.get_group(group)
+
+
+app.registered_commands.append(CommandInfo(name="bench", cls=_bench_group, callback=bench))  # type: ignore[arg-type]

@@ -31,6 +31,7 @@ __all__ = [
     "backbone_tables",
     "build_report",
     "render_markdown",
+    "segmenter_lines",
     "write_png",
 ]
 
@@ -406,6 +407,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             ],
         )
     lines += backbone_tables(report.get("backbone"))
+    lines += segmenter_lines(report.get("segmenter"))
     peak = report["peak_rss_mb"]
     lines += _table(
         ["process", "peak RSS MB"],
@@ -456,6 +458,38 @@ def backbone_tables(section: dict[str, Any] | None) -> list[str]:
         )
     loads = next(iter(section["long_sides"].values()))["throughput_images_per_s"] if section["long_sides"] else {}
     lines += _table(["long side", *(f"{load} images/s" for load in loads), "Triton ÷ raw", "Triton ÷ pipeline"], rows)
+    return lines
+
+
+def segmenter_lines(section: dict[str, Any] | None) -> list[str]:
+    """The interactive click's latency (``labelloop.bench_segmenter``): a line and a one-row table."""
+    if not section:
+        return []
+    model = section["model"]
+    width, height = section["image_size"]
+    target = "met" if section["target_met"] else "NOT met"
+    lines = [
+        f"Interactive segmentation: {model['name']} v{model['version']} on {model['backbone']} at long side "
+        f"{model['long_side']} (trained on {model['train_images']} synthetic blob images, {model['epochs']} epochs, "
+        f"{section['train_s']:.0f} s); {section['images']} JPEG images {width} x {height}, one plain call then "
+        f"{section['clicks_per_image']} clicks each, timed as the bridge: predict_image + answer (upsample, honour "
+        f"clicks, RLE). interactive_click_p50_ms {section['interactive_click_p50_ms']} "
+        f"(target <= {section['target_p50_ms']:g}: {target}).",
+        "",
+    ]
+    lines += _table(
+        ["interactive segmentation", "calls", "p50 ms", "p90 ms", "mean ms"],
+        [
+            [
+                "click (cached tokens)",
+                section["interactive_click_n"],
+                _fmt(section["interactive_click_p50_ms"]),
+                _fmt(section["interactive_click_p90_ms"]),
+                "",
+            ],
+            ["first call (backbone included)", section["images"], "", "", _fmt(section["first_call_mean_ms"])],
+        ],
+    )
     return lines
 
 

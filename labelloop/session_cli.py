@@ -30,6 +30,8 @@ def _label_config(session: Any) -> str:
     from core import kinds
 
     entry = kinds.kind(session.kind)
+    if not entry.available:
+        raise ConfigError(f"kind {session.kind!r} is announced but cannot be served or trained yet")
     if entry.label_config is None:
         raise ConfigError(f"kind {session.kind!r} has no session label config yet")
     module, _, name = entry.label_config.rpartition(".")
@@ -46,6 +48,7 @@ def _images(folder: Path | None) -> list[Path]:
 
 
 async def _create(settings: Any, session: Any, bridge_url: str | None) -> dict[str, Any]:
+    from core import kinds
     from core.credentials import bridge_credentials
     from core.labelmap import parse_label_config
     from core.session import record_session
@@ -73,7 +76,10 @@ async def _create(settings: Any, session: Any, bridge_url: str | None) -> dict[s
         # Recorded before the bridge is connected: Label Studio's /setup check then names the session's head.
         record_session(settings.state_dir, session, project_id)
         if bridge_url:
-            await studio.ensure_ml_backend(project_id, bridge_url, bridge_credentials(settings), title="labelloop")
+            interactive = kinds.kind(session.kind).interactive
+            await studio.ensure_ml_backend(
+                project_id, bridge_url, bridge_credentials(settings), title="labelloop", interactive=interactive
+            )
     return {"project": project_id, "tasks": tasks, "kind": session.kind, "model": session.model_name}
 
 

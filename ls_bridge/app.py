@@ -38,9 +38,8 @@ from core.labelmap import parse_label_config
 from core.session import read_recorded
 from core.settings import Settings
 from core.studio import model_version_name
-from ls_bridge.choices import choices_controls
 from ls_bridge.controls import CONTROL_MODELS, plan_for_config
-from ls_bridge.heads import HeadAnswer, HeadPredictor, project_id
+from ls_bridge.heads import HeadAnswer, HeadPredictor, HeadRequest, head_controls, project_id
 from ls_bridge.metrics import BridgeMetrics
 from ls_bridge.predictor import Predictor
 from ls_bridge.schemas import (
@@ -166,7 +165,14 @@ def _wants_boxes(config: str) -> bool:
     """Whether a config needs the detector: box controls, or nothing a head fills (then the detector says why)."""
     if not config:
         return True
-    return bool(parse_label_config(config).controls_of(CONTROL_MODELS)) or not choices_controls(config)
+    return bool(parse_label_config(config).controls_of(CONTROL_MODELS)) or not head_controls(config)
+
+
+def _clicked(params: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The regions of an interactive call (``params.context.result``), or an empty list for a plain one."""
+    context = (params or {}).get("context")
+    result = context.get("result") if isinstance(context, dict) else None
+    return [r for r in result if isinstance(r, dict)] if isinstance(result, list) else []
 
 
 def _combine(count: int, boxes: Sequence[Prediction] | None, heads: Sequence[HeadAnswer] | None) -> list[Prediction]:
@@ -292,7 +298,7 @@ def create_app(settings: Settings) -> FastAPI:
             if config:
                 plan_for_config(config, tuple(info.classes), settings.conf)
             versions.append(model_version_name(info.name, info.version))
-        if choices_controls(config):
+        if head_controls(config):
             project = project_id(body.project)
             versions += await bridge.heads.versions(config, project) or [pending_version(project)]
         return SetupResponse(model_version="+".join(versions))
@@ -304,18 +310,43 @@ def create_app(settings: Settings) -> FastAPI:
         if not config:
             raise ConfigError("the request carries no label_config")
         deadline = request.state.arrived + settings.predict_deadline_s
+        context = _clicked(body.params)
+        if context and head_controls(config):
+            return await interactive(body, context, bridge, request.state.arrived)
         boxes = await bridge.predictor.predict(body.tasks, config, deadline) if _wants_boxes(config) else None
         heads: list[HeadAnswer] | None = None
-        if choices_controls(config):
+        if head_controls(config):
             project = project_id(body.project)
             assigned = await bridge.heads.assign(config, project)
             if assigned:
-                heads = await bridge.heads.predict(body.tasks, assigned, deadline)
+                request_ = HeadRequest(session=bridge.heads.session(project))
+                heads = await bridge.heads.predict(body.tasks, assigned, deadline, request_)
             elif boxes is None:
                 heads = [HeadAnswer(versions=[pending_version(project)]) for _ in body.tasks]
         results = _combine(len(body.tasks), boxes, heads)
         logger.info("predicted %d tasks in %.1fs", len(results), time.monotonic() - request.state.arrived)
         return PredictResponse(results=results)
+
+    async def interactive(
+        body: PredictRequest, context: list[dict[str, Any]], bridge: BridgeState, arrived: float
+    ) -> PredictResponse:
+        """Label Studio's smart-tool call: one task and the regions a person just placed, refined against.
+
+        Only the heads answer, with the refined result first; a task that fails answers empty, as in a batch.
+        """
+        if len(body.tasks) != 1:
+            raise ConfigError(f"an interactive /predict carries one task, this one {len(body.tasks)}")
+        project = project_id(body.project)
+        assigned = await bridge.heads.assign(str(body.label_config), project)
+        request_ = HeadRequest(context=context, session=bridge.heads.session(project))
+        if assigned:
+            deadline = arrived + settings.predict_deadline_s
+            (answer,) = await bridge.heads.predict(body.tasks, assigned, deadline, request_)
+        else:
+            answer = HeadAnswer(versions=[pending_version(project)])
+        (result,) = _combine(1, None, [answer])
+        logger.info("interactive: %d clicks answered in %.3fs", len(context), time.monotonic() - arrived)
+        return PredictResponse(results=[result])
 
     @app.post(
         "/webhook",

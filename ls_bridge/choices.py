@@ -15,14 +15,16 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from core.labelmap import IMAGE, ConfigControl, LabelMap, map_labels, parse_label_config
-from ls_bridge.schemas import ChoicesRegion, ChoicesValue
+from core.uncertainty import margin
+from ls_bridge.schemas import ChoicesRegion, ChoicesValue, Region
 from serving.heads import ImageClasses
 
-__all__ = ["CHOICES", "ChoicesControl", "choices_controls"]
+__all__ = ["CHOICES", "ChoicesControl", "choices_controls", "controls"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,15 @@ class ChoicesControl:
     def serves(self, model_classes: Sequence[str]) -> bool:
         """Whether every one of a head's classes is a choice of this control (then the head can fill it)."""
         return bool(model_classes) and not self.label_map(model_classes).unlabelled
+
+    def clicks(self, context: Sequence[dict[str, Any]], model_classes: Sequence[str]) -> list[tuple[float, float, int]]:
+        """A classifier takes no clicks."""
+        return []
+
+    def answer(self, output: ImageClasses, request: object) -> tuple[list[Region], float]:
+        """The ``choices`` result (none when the best class has no choice) and the top-two margin."""
+        region = self.region(output)
+        return ([region] if region is not None else []), margin(output.probs.tolist())
 
     def region(self, classes: ImageClasses) -> ChoicesRegion | None:
         """The ``choices`` result of one image's probabilities; None when the best class has no choice."""
@@ -80,3 +91,6 @@ def choices_controls(config: str) -> tuple[ChoicesControl, ...]:
             if obj.tag == IMAGE and obj.value_key is not None:
                 found.append(ChoicesControl(control, obj.name, obj.value_key))
     return tuple(found)
+
+
+controls = choices_controls

@@ -9,10 +9,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 __all__ = [
+    "BrushRegion",
+    "BrushValue",
     "ChoicesRegion",
     "ChoicesValue",
     "ErrorResponse",
     "HealthResponse",
+    "KeyPointRegion",
+    "KeyPointValue",
     "PredictRequest",
     "PredictResponse",
     "Prediction",
@@ -132,7 +136,52 @@ class ChoicesRegion(BaseModel):
     meta: dict[str, Any] = Field(default_factory=dict)
 
 
-Region = RectangleRegion | ChoicesRegion
+class BrushValue(BaseModel):
+    """A mask as Label Studio's RGBA run-length code (:mod:`core.brush_rle`) of the whole image."""
+
+    format: Literal["rle"] = "rle"
+    rle: list[int]
+    brushlabels: list[str]
+
+
+class BrushRegion(BaseModel):
+    """One pre-labelled mask, as Label Studio stores a ``brushlabels`` result."""
+
+    id: str
+    from_name: str
+    to_name: str
+    type: Literal["brushlabels"] = "brushlabels"
+    original_width: int
+    original_height: int
+    image_rotation: int = 0
+    value: BrushValue
+    score: float
+
+
+class KeyPointValue(BaseModel):
+    """A point: its position in percent of the image, top-left origin; ``width`` is its drawn size, percent."""
+
+    x: float
+    y: float
+    width: float
+    keypointlabels: list[str]
+
+
+class KeyPointRegion(BaseModel):
+    """One suggested point, as Label Studio stores a ``keypointlabels`` result."""
+
+    id: str
+    from_name: str
+    to_name: str
+    type: Literal["keypointlabels"] = "keypointlabels"
+    original_width: int
+    original_height: int
+    image_rotation: int = 0
+    value: KeyPointValue
+    score: float
+
+
+Region = RectangleRegion | ChoicesRegion | BrushRegion | KeyPointRegion
 
 
 class Prediction(BaseModel):

@@ -1,6 +1,6 @@
-"""Heads on the backbone on the serving side: publishing a classifier, its client, and finding served heads.
+"""Heads on the backbone on the serving side: publishing a head, its clients, and finding served heads.
 
-A head's Triton model answers one call per image (``serving/triton/classifier_model.py`` reaches the
+A head's Triton model answers one call per image (``serving/triton/head_ops.py`` reaches the
 backbone by BLS). Its ``config.pbtxt`` carries ``labelloop_kind`` and ``backbone`` parameters, so
 the bridge finds the heads Triton serves from the repository index and the configs alone, without
 an inference per model.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,18 @@ from tritonclient.utils import InferenceServerException
 
 from core.errors import RepositoryError, TritonUnavailableError
 from serving.client import DetectorClient, ModelInfo, probe_image
-from serving.pbtxt import ClassifierConfig, render_classifier
+from serving.pbtxt import ClassifierConfig, SegmenterConfig
 from serving.repository import ModelCard, ModelRepository
 
-__all__ = ["ClassifierClient", "ImageClasses", "ServedHead", "publish_classifier", "served_heads"]
+__all__ = [
+    "ClassifierClient",
+    "ImageClasses",
+    "ImageMasks",
+    "SegmenterClient",
+    "ServedHead",
+    "publish_head",
+    "served_heads",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -54,19 +63,64 @@ class ClassifierClient(DetectorClient):
         model = self._model_info(result.as_numpy("MODEL_INFO")[0, 0])
         return ImageClasses(probs=result.as_numpy("PROBS")[0], model=model, stats={"round_trip_s": elapsed})
 
+    async def predict_image(
+        self, image: bytes, clicks: Sequence[tuple[float, float, int]] = (), deadline: float | None = None
+    ) -> ImageClasses:
+        """The head kinds' common call (``ls_bridge.heads``); a classifier takes no clicks."""
+        return await self.classify(image, deadline)
+
     async def info(self) -> ModelInfo:
         """The served version and its classes, proven by a real inference (backbone included)."""
         return (await self.classify(probe_image())).model
 
 
-def publish_classifier(
-    repo: ModelRepository, card: ModelCard, onnx: Path, config: ClassifierConfig, weights: Path | None = None
+@dataclass(frozen=True)
+class ImageMasks:
+    """One image's per-class probability maps on the patch grid (K, h, w), its size and the version that answered."""
+
+    probs: npt.NDArray[np.float32]
+    width: int
+    height: int
+    model: ModelInfo
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class SegmenterClient(DetectorClient):
+    """Talks to one served segmenter head; ``clicks`` are a person's points, refined against on the server."""
+
+    async def predict_image(
+        self, image: bytes, clicks: Sequence[tuple[float, float, int]] = (), deadline: float | None = None
+    ) -> ImageMasks:
+        """Probability maps of one image; ``clicks`` are ``(x, y, class)`` as fractions of the image's width
+        and height (0..1), class -1 for background."""
+        parameters = {"clicks": json.dumps([[float(x), float(y), int(k)] for x, y, k in clicks])} if clicks else None
+        result, elapsed = await self.infer_image(image, ("PROBS", "IMAGE_SIZE", "MODEL_INFO"), deadline, parameters)
+        width, height = (int(v) for v in result.as_numpy("IMAGE_SIZE")[0])
+        return ImageMasks(
+            probs=result.as_numpy("PROBS")[0],
+            width=width,
+            height=height,
+            model=self._model_info(result.as_numpy("MODEL_INFO")[0, 0]),
+            stats={"round_trip_s": elapsed},
+        )
+
+    async def info(self) -> ModelInfo:
+        """The served version and its classes, proven by a real inference (backbone included)."""
+        return (await self.predict_image(probe_image())).model
+
+
+def publish_head(
+    repo: ModelRepository,
+    card: ModelCard,
+    onnx: Path,
+    config: ClassifierConfig | SegmenterConfig,
+    weights: Path | None = None,
 ) -> int:
     """Write the head's ``config.pbtxt``, ONNX and checkpoint as the next version (atomically); returns the version."""
     existing = repo.latest(card.name)
     if existing is not None and repo.kind(card.name) != card.kind:
         raise RepositoryError(f"{card.name!r} in {repo.root} is a {repo.kind(card.name)}; pick another session name")
-    repo.write_config_text(card.name, render_classifier(config))
+    repo.write_config_text(card.name, config.render())
     return repo.add_version(card, onnx, weights)
 
 

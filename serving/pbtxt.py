@@ -14,11 +14,13 @@ __all__ = [
     "BackboneConfig",
     "ClassifierConfig",
     "DetectorConfig",
+    "SegmenterConfig",
     "render_backbone",
     "render_classifier",
     "render_core_onnx",
     "render_ensemble",
     "render_python",
+    "render_segmenter",
     "render_stage",
 ]
 
@@ -278,6 +280,18 @@ class ClassifierConfig:
     instance_count: int = 1
     intra_op_threads: int = 1
 
+    def render(self) -> str:
+        return render_classifier(self)
+
+
+def _head_tail(kind: str, backbone: str, classes: tuple[str, ...], instances: int, **extra: object) -> str:
+    """What every head's config ends with: instances, version policy, and the parameters the bridge reads."""
+    return (
+        f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]\n"
+        + "version_policy: { latest: { num_versions: 1 } }\n"
+        + _parameters({"labelloop_kind": kind, "backbone": backbone, "classes": json.dumps(list(classes)), **extra})
+    )
+
 
 def render_classifier(cfg: ClassifierConfig) -> str:
     """The head model: an encoded image in, class probabilities out (the backbone reached by BLS)."""
@@ -287,15 +301,52 @@ def render_classifier(cfg: ClassifierConfig) -> str:
         + _batching_plain(cfg.max_batch_size)
         + _tensors("input", _IMAGE_IN)
         + _tensors("output", outputs)
-        + f"instance_group [ {{ count: {cfg.instance_count} kind: KIND_CPU }} ]\n"
-        + "version_policy: { latest: { num_versions: 1 } }\n"
-        + _parameters(
-            {
-                "labelloop_kind": "classifier",
-                "backbone": cfg.backbone,
-                "classes": json.dumps(list(cfg.classes)),
-                "intra_op_threads": cfg.intra_op_threads,
-            }
+        + _head_tail(
+            "classifier",
+            cfg.backbone,
+            cfg.classes,
+            cfg.instance_count,
+            intra_op_threads=cfg.intra_op_threads,
+        )
+    )
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """Knobs of a segmenter head's model; ``feature_cache_mb`` bounds the tokens kept for interactive clicks."""
+
+    name: str
+    backbone: str
+    classes: tuple[str, ...]
+    instance_count: int = 1
+    intra_op_threads: int = 1
+    feature_cache_mb: int = 256
+
+    def render(self) -> str:
+        return render_segmenter(self)
+
+
+def render_segmenter(cfg: SegmenterConfig) -> str:
+    """The head model: one encoded image (and clicks, as a request parameter) in, per-class maps out.
+
+    No batching: images of one batch would give grids of different sizes.
+    """
+    outputs = [
+        ("PROBS", "TYPE_FP32", "1, -1, -1, -1"),
+        ("IMAGE_SIZE", "TYPE_INT32", "1, 2"),
+        ("MODEL_INFO", "TYPE_STRING", "1, 1"),
+    ]
+    return (
+        f'name: "{cfg.name}"\nbackend: "python"\nmax_batch_size: 0\n'
+        + _tensors("input", [("IMAGE", "TYPE_STRING", "1, 1")])
+        + _tensors("output", outputs)
+        + _head_tail(
+            "segmenter",
+            cfg.backbone,
+            cfg.classes,
+            cfg.instance_count,
+            intra_op_threads=cfg.intra_op_threads,
+            feature_cache_mb=cfg.feature_cache_mb,
         )
     )
 

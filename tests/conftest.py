@@ -38,6 +38,20 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(key)
 
 
+@pytest.fixture
+def announced_kind() -> Iterator[str]:
+    """A kind registered as announced (``available=False``, no modules), removed afterwards."""
+    from core.kinds import KINDS, DeployRule, Kind, register_kind
+
+    register_kind(
+        Kind(name="announced", control_tags=("Ellipse",), triton_models=(), rule=DeployRule("f1"), available=False)
+    )
+    try:
+        yield "announced"
+    finally:
+        KINDS.pop("announced", None)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -16,20 +16,28 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from core.errors import DatasetError, FetchError
 from core.fetch import ImageFetcher
 from core.files import write_json_atomic
-from core.labelmap import map_labels, parse_label_config
+from core.labelmap import ConfigControl, LabelConfig, map_labels, parse_label_config
 from core.settings import Settings
 from core.studio import StudioClient, studio_settings
 from trainer.dataset import bucket, chosen_annotation, task_image_url
 
-__all__ = ["HOLDOUT_FILE", "ClassifiedImage", "Collected", "Split", "collect_choices", "split_holdout"]
+__all__ = [
+    "HOLDOUT_FILE",
+    "ClassifiedImage",
+    "Collected",
+    "Split",
+    "collect_annotated",
+    "collect_choices",
+    "split_holdout",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +46,17 @@ HOLDOUT_FILE = "holdout.json"
 
 @dataclass(frozen=True)
 class ClassifiedImage:
-    """One annotated image: its bytes' hash, the bytes, its class and where it came from."""
+    """One annotated image: its bytes' hash, the bytes, its label and where it came from.
+
+    ``results`` keep the annotation's Label Studio results for kinds that learn from more than a
+    label (a segmenter's points and masks); their ``label`` is what the split counts.
+    """
 
     content_hash: str
     data: bytes
     label: str
     task_id: int
+    results: tuple[Mapping[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -104,43 +117,69 @@ async def collect_choices(settings: Settings, project_id: int, classes: Sequence
     The annotations are read from the project's first ``<Choices>`` whose labels show every class.
     The first ``pending`` unlabelled tasks, most uncertain first, are downloaded too (label left empty).
     """
+
+    def controls(config: LabelConfig) -> list[ConfigControl]:
+        found = [c for c in config.controls_of(("Choices",)) if not map_labels(c, classes).unlabelled]
+        if not found:
+            raise DatasetError(
+                f"project {project_id} has no <Choices> showing every class [{', '.join(classes)}] "
+                f"(found: {config.describe()})"
+            )
+        return found[:1]
+
+    def read(annotation: Mapping[str, Any], found: Sequence[ConfigControl]) -> tuple[str, tuple[Any, ...]] | None:
+        label = _choice(annotation, found[0].name)
+        name = map_labels(found[0], classes).class_for(label) if label is not None else None
+        if name not in classes:
+            return None
+        return str(name), ()
+
+    return await collect_annotated(settings, project_id, classes, controls, read, pending, "Choices")
+
+
+ReadAnnotation = Callable[[Mapping[str, Any], Sequence[ConfigControl]], "tuple[str, tuple[Any, ...]] | None"]
+
+
+async def collect_annotated(
+    settings: Settings,
+    project_id: int,
+    classes: Sequence[str],
+    controls: Callable[[LabelConfig], list[ConfigControl]],
+    read: ReadAnnotation,
+    pending: int,
+    what: str,
+) -> Collected:
+    """The kind-independent part of collecting: tasks, chosen annotations, image downloads, unlabelled tasks.
+
+    ``controls`` picks the config's controls the kind learns from (the first one's image, and its map
+    of ``classes`` to labels, name the results); ``read`` makes ``(label, results)`` of an annotation,
+    or None to skip it.
+    """
     settings = studio_settings(settings, "training from a project")
     async with StudioClient.from_settings(settings) as studio:
         project = await studio.project(project_id)
         tasks = await studio.tasks(project_id)
     config = parse_label_config(str(project.get("label_config") or ""))
-    found = [c for c in config.controls_of(("Choices",)) if not map_labels(c, classes).unlabelled]
-    if not found:
-        raise DatasetError(
-            f"project {project_id} has no <Choices> showing every class [{', '.join(classes)}] "
-            f"(found: {config.describe()})"
-        )
-    control = found[0].name
-    label_map = map_labels(found[0], classes)
+    found = controls(config)
     keys = {o.name: o.value_key for o in config.objects if o.value_key is not None}
-    wanted: list[tuple[int, str, str]] = []
+    wanted: list[tuple[int, str, str, tuple[Any, ...]]] = []
     unlabelled: list[tuple[float, int, str]] = []
     for task in tasks:
         annotation = chosen_annotation(task)
+        url = task_image_url(task, found[0].to_names, keys)
         if annotation is None:
-            url = task_image_url(task, found[0].to_names, keys)
             if url is not None and not task.get("annotations"):
                 unlabelled.append((_uncertainty(task), int(task["id"]), url))
             continue
-        label = _choice(annotation, control)
-        url = task_image_url(task, found[0].to_names, keys)
-        if label is None or url is None:
-            logger.warning("task %s: no single choice or no image URL; skipped", task.get("id"))
+        read_as = read(annotation, found)
+        if read_as is None or url is None:
+            logger.warning("task %s: no usable %s annotation or no image URL; skipped", task.get("id"), what)
             continue
-        name = label_map.class_for(label)
-        if name not in classes:
-            logger.warning("task %s: choice %r is no session class; skipped", task.get("id"), label)
-            continue
-        wanted.append((int(task["id"]), url, name))
-    logger.info("project %d: %d tasks, %d with a usable choice", project_id, len(tasks), len(wanted))
+        wanted.append((int(task["id"]), url, *read_as))
+    logger.info("project %d: %d tasks, %d with a usable %s annotation", project_id, len(tasks), len(wanted), what)
     if not wanted:
-        raise DatasetError(f"project {project_id} has no completed, non-cancelled Choices annotations")
-    todo = [(task_id, url, "") for _, task_id, url in sorted(unlabelled)[:pending]]
+        raise DatasetError(f"project {project_id} has no completed, non-cancelled {what} annotations")
+    todo = [(task_id, url, "", ()) for _, task_id, url in sorted(unlabelled)[:pending]]
     fetcher = ImageFetcher(settings, studio.auth)
     try:
         images = await asyncio.gather(*(_download(fetcher, *item) for item in [*wanted, *todo]))
@@ -150,19 +189,21 @@ async def collect_choices(settings: Settings, project_id: int, classes: Sequence
     return Collected(
         images=[i for i in kept if i.label],
         pending=[i for i in kept if not i.label],
-        control=control,
+        control=found[0].name,
         to_name=found[0].to_names[0],
-        to_label=dict(label_map.to_label),
+        to_label=dict(map_labels(found[0], classes).to_label),
     )
 
 
-async def _download(fetcher: ImageFetcher, task_id: int, url: str, label: str) -> ClassifiedImage | None:
+async def _download(
+    fetcher: ImageFetcher, task_id: int, url: str, label: str, results: tuple[Any, ...]
+) -> ClassifiedImage | None:
     try:
         data = await fetcher.fetch(url, task_id)
     except FetchError as exc:
         logger.warning("task %d: image not fetched, task skipped: %s", task_id, exc)
         return None
-    return ClassifiedImage(hashlib.sha256(data).hexdigest(), data, label, task_id)
+    return ClassifiedImage(hashlib.sha256(data).hexdigest(), data, label, task_id, results)
 
 
 def split_holdout(images: Sequence[ClassifiedImage], folder: Path, fraction: float) -> Split:
@@ -185,7 +226,7 @@ def split_holdout(images: Sequence[ClassifiedImage], folder: Path, fraction: flo
     train = tuple(img for h, img in unique.items() if h not in listed)
     if not train or not held:
         raise DatasetError(f"{len(unique)} distinct annotated images: need at least one to train on and one held out")
-    holdout = tuple(ClassifiedImage(i.content_hash, i.data, listed[i.content_hash], i.task_id) for i in held)
+    holdout = tuple(replace(i, label=listed[i.content_hash]) for i in held)
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, manifest)
     digest = hashlib.sha256(json.dumps(sorted((i.content_hash, i.label) for i in train)).encode()).hexdigest()

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,7 +173,7 @@ class HeadCheckpoint:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
             return cls(dict(data["state_dict"]), tuple(data["classes"]), int(data["hidden"]), str(data["arch"]))
-        except (OSError, RuntimeError, KeyError, TypeError, ValueError) as exc:
+        except (OSError, RuntimeError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as exc:
             raise TrainingError(f"{path}: not a readable classifier head checkpoint ({exc})") from exc
 
 

@@ -87,13 +87,21 @@ def demo_data(
     out: Annotated[Path, typer.Argument(help="Folder for the dataset (created).")],
     n: Annotated[int, typer.Option(help="Number of images.")] = 240,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same files.")] = 0,
-    kind: Annotated[str, typer.Option(help="detector (YOLO boxes) or classifier (images per class).")] = "detector",
+    kind: Annotated[
+        str,
+        typer.Option(help="detector (YOLO boxes), classifier (images per class) or segmenter (blobs and masks)."),
+    ] = "detector",
 ) -> None:
-    """Write a seeded synthetic dataset: defects in YOLO format, or surface classes (images/ + labels.json)."""
+    """Write a seeded synthetic dataset: defects in YOLO format, surface classes, or blob defects with masks."""
     from trainer.synthetic import write_dataset
+    from trainer.synthetic_blobs import write_segmenter_dataset
     from trainer.synthetic_classes import write_classifier_dataset
 
-    writers: dict[str, Callable[..., Path]] = {"detector": write_dataset, "classifier": write_classifier_dataset}
+    writers: dict[str, Callable[..., Path]] = {
+        "detector": write_dataset,
+        "classifier": write_classifier_dataset,
+        "segmenter": write_segmenter_dataset,
+    }
     if kind not in writers:
         raise fail(ConfigError(f"no demo data for kind {kind!r}; kinds with demo data: {', '.join(writers)}"))
     try:

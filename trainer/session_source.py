@@ -13,10 +13,12 @@ import importlib
 import logging
 from types import ModuleType
 
+from pydantic import ValidationError
+
 from core import kinds
 from core.errors import ConfigError
 from core.labelmap import parse_label_config
-from core.session import ClassSpec, Session, read_recorded
+from core.session import BACKGROUND, ClassSpec, Session, read_recorded
 from core.settings import Settings
 from core.studio import StudioClient, studio_settings
 
@@ -47,16 +49,20 @@ def session_for_project(settings: Settings, project: int) -> Session | None:
         return None
     for entry in heads:
         for control in config.controls_of(entry.control_tags):
-            if len(control.labels) >= 2:
-                logger.info(
-                    "project %d has no recorded session: a %s session from its %r", project, entry.name, control.name
-                )
-                return Session(
+            names = [label.name for label in control.labels if label.name.lower() != BACKGROUND]
+            try:
+                session = Session(
                     kind=entry.name,  # type: ignore[arg-type]
                     title=str(body.get("title") or f"project {project}"),
-                    classes=tuple(ClassSpec(name=label.name) for label in control.labels),
+                    classes=tuple(ClassSpec(name=name) for name in names),
                     project=project,
                 )
+            except ValidationError:
+                continue  # too few labels for this kind
+            logger.info(
+                "project %d has no recorded session: a %s session from its %r", project, entry.name, control.name
+            )
+            return session
     return None
 
 

@@ -328,6 +328,87 @@ def test_browser_connects_edits_and_shows_a_classifier_s_choices(stack: Stack, t
             browser.close()
 
 
+def test_browser_connects_an_interactive_segmenter_and_shows_its_masks(stack: Stack, tmp_path: Path) -> None:
+    """A segmenter session connected (interactive) and edited in Label Studio's UI; its mask seen on a task."""
+    if CHROMIUM is None:
+        pytest.skip("no Chromium on this machine (apt-get install chromium); browser check not run")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    import numpy as np
+    from PIL import Image
+
+    from trainer.synthetic_blobs import sample_points, write_segmenter_dataset
+
+    data = write_segmenter_dataset(tmp_path / "blobs", n=24, seed=4)
+    session = tmp_path / "session.yaml"
+    session.write_text(
+        f"kind: segmenter\ntitle: Browser blobs\nimages: {data / 'images'}\nclasses: [{{name: defect}}]\n"
+        "backbone: demo\nlong_side: 448\n"
+    )
+    created = stack.run("session", "create", str(session), "--no-connect", "--json")
+    assert created.returncode == 0, created.stderr
+    project = json.loads(created.stdout)["project"]
+    state = stack.status()
+    url, bridge_url = str(state["label_studio"]["url"]), str(state["bridge"]["url"])
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=_CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            _login(page, url, stack.credentials())
+            page.goto(f"{url}/projects/{project}/settings/ml")
+            page.locator("button", has_text="Connect Model").first.click()
+            page.get_by_text("Interactive preannotations").click()
+            _fill_model_form(page, "labelloop", bridge_url, stack.bridge_auth())
+            page.get_by_text("Connected").first.wait_for(timeout=60_000)
+            page.locator('button[aria-label="Machine learning model options"]').click()
+            page.get_by_text("Edit", exact=True).click()
+            _fill_model_form(page, "labelloop segmenter", bridge_url, stack.bridge_auth())
+            page.get_by_text("labelloop segmenter").first.wait_for(timeout=60_000)
+            with stack.studio() as api:
+                (backend,) = api.ml_backends(project)
+                assert (backend["title"], backend["is_interactive"]) == ("labelloop segmenter", True)
+                tasks = api.tasks(project)
+                for k, task in enumerate(tasks[:18]):
+                    name = str(task["data"]["image"]).rsplit("/", 1)[-1].split("-", 1)[1]
+                    truth = np.asarray(Image.open(data / "masks" / name))
+                    width, height = truth.shape[1], truth.shape[0]
+                    result = [
+                        {
+                            "from_name": "points",
+                            "to_name": "image",
+                            "type": "keypointlabels",
+                            "original_width": width,
+                            "original_height": height,
+                            "value": {
+                                "x": 100 * x / width,
+                                "y": 100 * y / height,
+                                "width": 0.5,
+                                "keypointlabels": ["defect" if c >= 0 else "background"],
+                            },
+                        }
+                        for x, y, c in sample_points(truth, 20, 20, np.random.default_rng(k))
+                    ]
+                    api.create_annotation(task["id"], result)
+            trained = stack.run("train", "--project", str(project), "--json")
+            assert trained.returncode == 0, trained.stderr
+            assert json.loads(trained.stdout)["published_version"] == 1
+            with stack.studio() as api:
+                api.retrieve_predictions(project)
+            task_id = tasks[-1]["id"]
+            page.goto(f"{url}/projects/{project}/data?task={task_id}")
+            masks = page.locator(".lsf-tree__node_type_brushregion")
+            masks.first.wait_for(timeout=60_000)
+            page.wait_for_function(
+                "() => [...document.images].some(i => i.src.includes('/data/upload/') && i.complete)",
+                timeout=60_000,
+            )
+            page.wait_for_load_state("networkidle")
+            page.screenshot(path=str(ARTIFACTS / "label-studio-segmenter.png"))
+            assert "defect" in masks.first.inner_text()
+        finally:
+            browser.close()
+
+
 def test_start_training_in_label_studio_trains_and_status_shows_the_decision(stack: Stack, demo_dataset: Path) -> None:
     state = stack.status()
     project = state["label_studio"]["project_id"]

@@ -112,13 +112,14 @@ def test_backbone_config_parses_as_triton_config() -> None:
     assert parsed["parameters"]["long_side"]["string_value"] == "224"
 
 
-def test_runtime_files_per_kind(tmp_path: Path) -> None:
+def test_runtime_files_per_kind(tmp_path: Path, announced_kind: str) -> None:
     backbone = runtime_files("backbone")
     assert sorted(backbone) == ["features_ops.py", "image_decode.py", "model.py"]
     assert b"patch-token grid" in backbone["model.py"]
     assert b"detector_ops" in runtime_files()["model.py"]
-    with pytest.raises(RepositoryError, match="no Triton runtime for model kind 'segmenter'"):
-        runtime_files("segmenter")
+    assert sorted(runtime_files("segmenter")) == ["feature_cache.py", "head_ops.py", "masks.py", "model.py"]
+    with pytest.raises(RepositoryError, match="no Triton runtime for model kind 'announced'"):
+        runtime_files(announced_kind)
 
 
 def test_cards_written_before_kinds_are_detectors(tmp_path: Path) -> None:

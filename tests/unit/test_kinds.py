@@ -18,9 +18,11 @@ from serving.pbtxt import (
     BackboneConfig,
     ClassifierConfig,
     DetectorConfig,
+    SegmenterConfig,
     render_backbone,
     render_classifier,
     render_python,
+    render_segmenter,
 )
 from serving.repository import ModelCard, ModelRepository, runtime_files
 from tests.conftest import free_port
@@ -47,7 +49,7 @@ def test_the_detector_rule_defaults_are_the_trainers() -> None:
     )
 
 
-def test_every_module_an_available_kind_names_exists_and_unavailable_kinds_name_none() -> None:
+def test_every_module_an_available_kind_names_exists_and_unavailable_kinds_name_none(announced_kind: str) -> None:
     for entry in KINDS.values():
         if entry.available:
             assert entry.runtime and entry.client, entry.name
@@ -58,7 +60,7 @@ def test_every_module_an_available_kind_names_exists_and_unavailable_kinds_name_
         else:
             assert entry.modules() == {} and not entry.triton_models, entry.name
     assert [f.name for f in kind("detector").runtime if f.name == "model.py"] == ["model.py"]
-    assert sorted(k.name for k in KINDS.values() if k.available) == ["backbone", "classifier", "detector"]
+    assert sorted(k.name for k in KINDS.values() if k.available) == ["backbone", "classifier", "detector", "segmenter"]
 
 
 def _tensors(text: str) -> tuple[set[str], set[str], set[str]]:
@@ -74,6 +76,7 @@ def _tensors(text: str) -> tuple[set[str], set[str], set[str]]:
         ("detector", render_python(DetectorConfig())),
         ("backbone", render_backbone(BackboneConfig())),
         ("classifier", render_classifier(ClassifierConfig("cls", "dinov3", ("a", 'b "quoted"')))),
+        ("segmenter", render_segmenter(SegmenterConfig("seg", "dinov3", ("crack",)))),
     ],
 )
 def test_the_registry_tensor_names_are_those_the_triton_config_declares(name: str, text: str) -> None:
@@ -88,13 +91,13 @@ def test_the_classifier_config_carries_what_the_bridge_routes_by() -> None:
     assert json.loads(params["classes"]) == ["a", 'b "quoted"']
 
 
-def test_an_unknown_kind_is_a_clear_error() -> None:
-    with pytest.raises(ConfigError, match=r"unknown model kind 'pose'; known: backbone, classifier, detector"):
+def test_an_unknown_kind_is_a_clear_error(announced_kind: str) -> None:
+    with pytest.raises(ConfigError, match=r"unknown model kind 'pose'; known: announced, backbone, classifier"):
         kind("pose")
     with pytest.raises(RepositoryError, match="no Triton runtime for model kind 'pose'; kinds with one: backbone"):
         runtime_files("pose")
-    with pytest.raises(RepositoryError, match=r"no Triton runtime for model kind 'segmenter' \(it has none yet\)"):
-        runtime_files("segmenter")
+    with pytest.raises(RepositoryError, match=r"no Triton runtime for model kind 'announced' \(it has none yet\)"):
+        runtime_files(announced_kind)
 
 
 def test_a_taken_name_needs_replace() -> None:
@@ -103,23 +106,23 @@ def test_a_taken_name_needs_replace() -> None:
         register_kind(Kind(name="detector", control_tags=(), triton_models=(), rule=None))
 
 
-def test_each_kind_gets_its_own_client_class() -> None:
+def test_each_kind_gets_its_own_client_class(announced_kind: str) -> None:
     from serving.backbone import FeaturesClient
     from serving.client import DetectorClient
     from serving.control import kind_client
-    from serving.heads import ClassifierClient
+    from serving.heads import ClassifierClient, SegmenterClient
 
     async def classes() -> list[type]:
         found = []
-        for name in ("detector", "backbone", "classifier"):
+        for name in ("detector", "backbone", "classifier", "segmenter"):
             client = kind_client(name, "127.0.0.1:1", "m", timeout_s=1.0)
             found.append(type(client))
             await client.close()
         return found
 
-    assert asyncio.run(classes()) == [DetectorClient, FeaturesClient, ClassifierClient]
-    with pytest.raises(RepositoryError, match="m is a segmenter, which labelloop cannot serve yet"):
-        kind_client("segmenter", "127.0.0.1:1", "m")
+    assert asyncio.run(classes()) == [DetectorClient, FeaturesClient, ClassifierClient, SegmenterClient]
+    with pytest.raises(RepositoryError, match="m is a announced, which labelloop cannot serve yet"):
+        kind_client(announced_kind, "127.0.0.1:1", "m")
     with pytest.raises(RepositoryError, match="m: unknown model kind 'pose'"):
         kind_client("pose", "127.0.0.1:1", "m")
 

@@ -123,11 +123,13 @@ def test_the_precision_line_says_what_was_published_and_why() -> None:
     assert precision_summary("fp32", {"refused": "too few"}) == "fp32 (int8 refused: too few)"
 
 
-def test_a_card_of_a_kind_without_a_runtime_writes_nothing(repo: ModelRepository, tmp_path: Path) -> None:
+def test_a_card_of_a_kind_without_a_runtime_writes_nothing(
+    repo: ModelRepository, tmp_path: Path, announced_kind: str
+) -> None:
     onnx = tmp_path / "m.onnx"
     onnx.write_bytes(b"onnx")
-    card = ModelCard(name="det", version=0, classes=["a"], imgsz=320, kind="segmenter")
-    with pytest.raises(RepositoryError, match="no Triton runtime for model kind 'segmenter'"):
+    card = ModelCard(name="det", version=0, classes=["a"], imgsz=320, kind=announced_kind)
+    with pytest.raises(RepositoryError, match="no Triton runtime for model kind 'announced'"):
         repo.add_version(card, onnx)
     assert sorted(p.name for p in repo.model_dir("det").iterdir() if not p.name.startswith(".lock")) == ["config.pbtxt"]
 

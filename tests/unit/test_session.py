@@ -9,7 +9,15 @@ import pytest
 
 from core.errors import ConfigError, DatasetError
 from core.labelmap import parse_label_config
-from core.session import Session, choices_config, load_session, read_recorded, record_session, slug
+from core.session import (
+    Session,
+    choices_config,
+    load_session,
+    read_recorded,
+    record_session,
+    segmenter_config,
+    slug,
+)
 from core.uncertainty import margin
 from ls_bridge.choices import choices_controls
 from ls_bridge.heads import project_id
@@ -136,11 +144,29 @@ def test_the_deploy_rule_reads_the_kind_s_metric() -> None:
     assert decide_metric("macro_f1", 0.73, 0.70, None, (0.6, -0.03, 0.02)).deploy
 
 
-def test_a_session_needs_two_classes() -> None:
-    with pytest.raises(ValueError, match="at least 2"):
+def test_a_classifier_needs_two_classes_a_segmenter_one_and_background_is_no_class() -> None:
+    with pytest.raises(ValueError, match="a classifier needs at least two classes"):
         Session.model_validate({"kind": "classifier", "title": "t", "classes": [{"name": "a"}]})
+    assert Session.model_validate({"kind": "segmenter", "title": "t", "classes": [{"name": "a"}]}).class_names == ("a",)
+    with pytest.raises(ValueError, match="'background' is the segmenter's background point label"):
+        Session.model_validate({"kind": "segmenter", "title": "t", "classes": [{"name": "a"}, {"name": "Background"}]})
+    with pytest.raises(ValueError, match="mask_threshold"):
+        Session.model_validate({"kind": "segmenter", "title": "t", "classes": [{"name": "a"}], "mask_threshold": 1.5})
 
 
-def test_the_example_session_in_the_repository_loads() -> None:
-    session = load_session(Path(__file__).parents[2] / "examples" / "surface-classes.yaml")
-    assert session.kind == "classifier" and len(session.classes) == 4
+def test_the_segmenter_config_names_its_tags_as_documented() -> None:
+    session = Session.model_validate(
+        {"kind": "segmenter", "title": "t", "classes": [{"name": "crack", "color": "#112233"}, {"name": "pit"}]}
+    )
+    config = parse_label_config(segmenter_config(session))
+    (points,) = config.controls_of(("KeyPointLabels",))
+    (mask,) = config.controls_of(("BrushLabels",))
+    assert (points.name, points.to_names, points.attrs["smart"]) == ("points", ("image",), "true")
+    assert [label.name for label in points.labels] == ["crack", "pit", "background"]
+    assert (mask.name, [label.name for label in mask.labels]) == ("mask", ["crack", "pit"])
+
+
+@pytest.mark.parametrize("name", ["surface-classes.yaml", "blob-defects.yaml"])
+def test_the_example_sessions_in_the_repository_load(name: str) -> None:
+    session = load_session(Path(__file__).parents[2] / "examples" / name)
+    assert session.kind in ("classifier", "segmenter") and session.classes
