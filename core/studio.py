@@ -330,6 +330,8 @@ class StudioClient:
 
         Label Studio checks ``/health`` and ``/setup`` with the given credentials before it saves them.
         ``interactive`` makes Label Studio send a person's clicks (smart tools) to ``/predict`` as they are made.
+        Label Studio's own webhook to the model carries no credentials; the bridge's ``/webhook`` (the
+        trainer's events) needs them, so the webhook gets them here.
         """
         fields: dict[str, Any] = {"auth_method": "NONE", "is_interactive": interactive}
         if auth is not None:
@@ -344,6 +346,7 @@ class StudioClient:
                 await self._call(
                     "PATCH", f"/api/ml/{backend['id']}", json={"project": project_id, "url": url, **fields}
                 )
+                await self.ensure_webhook(project_id, f"{url.rstrip('/')}/webhook", auth)
                 return int(backend["id"])
         created = await self._call(
             "POST",
@@ -351,6 +354,7 @@ class StudioClient:
             json={"project": project_id, "url": url, "title": title, **fields},
         )
         await self.use_predictions(project_id)
+        await self.ensure_webhook(project_id, f"{url.rstrip('/')}/webhook", auth)
         logger.info("connected ML backend %s to project %d", url, project_id)
         return int(created["id"])
 

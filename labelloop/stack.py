@@ -423,8 +423,6 @@ async def _connect_project(
     async with StudioClient(studio_url, token) as studio:
         project_id = await studio.ensure_project(settings.project_title, DEFECT_LABEL_CONFIG)
         await studio.ensure_ml_backend(project_id, bridge_url, auth)
-        # Label Studio's own webhook to the model carries no credentials: the trainer's events need them.
-        await studio.ensure_webhook(project_id, f"{bridge_url}/webhook", auth)
     return project_id
 
 

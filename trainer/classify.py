@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import math
-import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,8 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from core.errors import ConfigError, TrainingError
+from core.errors import ConfigError
+from trainer.head_checkpoint import Checkpoint
 
 __all__ = [
     "ARCH",
@@ -137,44 +137,12 @@ class ClassifierHead(nn.Module):
         return logits
 
 
-@dataclass
-class HeadCheckpoint:
-    """What rebuilds a trained head: weights, class names in logit order, token width and head design."""
+class HeadCheckpoint(Checkpoint[ClassifierHead]):
+    """What rebuilds a trained classifier head (:class:`trainer.head_checkpoint.Checkpoint`)."""
 
-    state_dict: dict[str, torch.Tensor]
-    classes: tuple[str, ...]
-    hidden: int
-    arch: str = ARCH
-
-    @classmethod
-    def from_head(cls, head: ClassifierHead, classes: Sequence[str]) -> HeadCheckpoint:
-        if len(classes) != head.num_classes:
-            raise ValueError(f"{len(classes)} class names for a head with {head.num_classes} outputs")
-        state = {k: v.detach().clone() for k, v in head.state_dict().items()}
-        return cls(state, tuple(classes), head.hidden)
-
-    def to_head(self) -> ClassifierHead:
-        """The head in eval mode."""
-        if self.arch != ARCH:
-            raise ConfigError(f"checkpoint head design {self.arch!r} is not this version's {ARCH!r}")
-        head = ClassifierHead(self.hidden, len(self.classes))
-        head.load_state_dict(self.state_dict)
-        return head.eval()
-
-    def save(self, path: Path) -> Path:
-        """A plain dict (tensors, strings, ints), so ``load`` can use ``weights_only=True``."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"state_dict": self.state_dict, "classes": list(self.classes), "hidden": self.hidden, "arch": self.arch}
-        torch.save(data, path)
-        return path
-
-    @classmethod
-    def load(cls, path: Path) -> HeadCheckpoint:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-            return cls(dict(data["state_dict"]), tuple(data["classes"]), int(data["hidden"]), str(data["arch"]))
-        except (OSError, RuntimeError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as exc:
-            raise TrainingError(f"{path}: not a readable classifier head checkpoint ({exc})") from exc
+    HEAD = ClassifierHead
+    DESIGN = ARCH
+    WHAT = "classifier"
 
 
 @dataclass
@@ -209,20 +177,6 @@ def _pad(grids: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         batch[i, : g.shape[0], : g.shape[1]] = g
         mask[i, : g.shape[0], : g.shape[1]] = 1.0
     return batch, mask
-
-
-def _check_warm(warm: HeadCheckpoint, classes: tuple[str, ...], hidden: int) -> None:
-    """A warm start must predict the same classes in the same order from tokens of the same width."""
-    if warm.classes != classes:
-        raise ConfigError(
-            f"cannot warm-start: the checkpoint's classes {list(warm.classes)} differ from this session's "
-            f"classes {list(classes)}; train from scratch (no warm start) after changing classes"
-        )
-    if warm.hidden != hidden:
-        raise ConfigError(
-            f"cannot warm-start: the checkpoint was trained on {warm.hidden}-d tokens, these are {hidden}-d "
-            "(another backbone); train from scratch"
-        )
 
 
 def _fit(
@@ -297,7 +251,7 @@ def train_head(
         raise ValueError(f"labels must lie in [0, {len(names)}), got {sorted(set(targets.tolist()))}")
     hidden = int(grids[0].shape[2])
     if warm is not None:
-        _check_warm(warm, names, hidden)
+        warm.check_warm(names, hidden)
         head = warm.to_head()
     else:
         with torch.random.fork_rng(devices=[]):

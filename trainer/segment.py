@@ -46,20 +46,20 @@ from __future__ import annotations
 
 import copy
 import math
-import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
 from torch import nn
 
-from core.errors import ConfigError, TrainingError
+from core.errors import ConfigError
 from core.masks import balanced_point_accuracy, miou, point_cell, upsample
-from trainer.classify import ClassifierHead, HeadCheckpoint, HeadParams, _as_grids, _check_warm, _pad
+from trainer.classify import ClassifierHead, HeadParams, _as_grids, _pad
+from trainer.head_checkpoint import Checkpoint
 
 __all__ = [
     "ARCH",
@@ -155,44 +155,12 @@ class SegmenterHead(nn.Module):
         return logits
 
 
-@dataclass
-class SegmenterCheckpoint:
-    """What rebuilds a trained head: weights, class names in channel order, token width and head design."""
+class SegmenterCheckpoint(Checkpoint[SegmenterHead]):
+    """What rebuilds a trained segmenter head (:class:`trainer.head_checkpoint.Checkpoint`)."""
 
-    state_dict: dict[str, torch.Tensor]
-    classes: tuple[str, ...]
-    hidden: int
-    arch: str = ARCH
-
-    @classmethod
-    def from_head(cls, head: SegmenterHead, classes: Sequence[str]) -> SegmenterCheckpoint:
-        if len(classes) != head.num_classes:
-            raise ValueError(f"{len(classes)} class names for a head with {head.num_classes} outputs")
-        state = {k: v.detach().clone() for k, v in head.state_dict().items()}
-        return cls(state, tuple(classes), head.hidden)
-
-    def to_head(self) -> SegmenterHead:
-        """The head in eval mode."""
-        if self.arch != ARCH:
-            raise ConfigError(f"checkpoint head design {self.arch!r} is not this version's {ARCH!r}")
-        head = SegmenterHead(self.hidden, len(self.classes))
-        head.load_state_dict(self.state_dict)
-        return head.eval()
-
-    def save(self, path: Path) -> Path:
-        """A plain dict (tensors, strings, ints), so ``load`` can use ``weights_only=True``."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"state_dict": self.state_dict, "classes": list(self.classes), "hidden": self.hidden, "arch": self.arch}
-        torch.save(data, path)
-        return path
-
-    @classmethod
-    def load(cls, path: Path) -> SegmenterCheckpoint:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-            return cls(dict(data["state_dict"]), tuple(data["classes"]), int(data["hidden"]), str(data["arch"]))
-        except (OSError, RuntimeError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as exc:
-            raise TrainingError(f"{path}: not a readable segmenter head checkpoint ({exc})") from exc
+    HEAD = SegmenterHead
+    DESIGN = ARCH
+    WHAT = "segmenter"
 
 
 @dataclass
@@ -340,8 +308,7 @@ def train_head(
     targets = _targets(points, [(int(g.shape[0]), int(g.shape[1])) for g in grids], len(names))
     hidden = int(grids[0].shape[2])
     if warm is not None:
-        # _check_warm reads only .classes and .hidden, which both checkpoint kinds have.
-        _check_warm(cast(HeadCheckpoint, warm), names, hidden)
+        warm.check_warm(names, hidden)
         head = warm.to_head()
     else:
         with torch.random.fork_rng(devices=[]):

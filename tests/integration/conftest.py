@@ -5,21 +5,26 @@ from __future__ import annotations
 import asyncio
 import gzip
 import http.server
+import json
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import uvicorn
+from pydantic import SecretStr
+from typer.testing import CliRunner
 
 from core.credentials import bridge_credentials
 from core.settings import Settings
 from core.studio import DEFECT_LABEL_CONFIG
 from labelloop.bench_rig import LoopbackHTTPServer
+from labelloop.cli import app
 from ls_bridge.app import create_app
 from ls_bridge.controls import plan_for_config
 from ls_bridge.geometry import PercentBox, percent_to_pixels
@@ -133,6 +138,44 @@ def bridge_factory() -> Iterator[Callable[[Settings], BridgeServer]]:
     yield start
     for server in started:
         server.stop()
+
+
+@dataclass(frozen=True)
+class SessionEnv:
+    """A session test's settings and the environment its ``labelloop`` commands run with."""
+
+    settings: Settings
+    env: dict[str, str]
+
+    def train(self, project: int) -> dict[str, Any]:
+        """``labelloop train --project ID --json``, which must succeed; its document."""
+        result = CliRunner().invoke(app, ["train", "--project", str(project), "--json"], env=self.env)
+        assert result.exit_code == 0, result.output
+        doc: dict[str, Any] = json.loads(result.stdout)
+        return doc
+
+
+@pytest.fixture
+def session_env(label_studio: LabelStudioServer, private_triton: TritonHandle, tmp_path: Path) -> SessionEnv:
+    """Settings and environment for session commands against the test Label Studio and a private Triton."""
+    pat = label_studio.personal_access_token()
+    settings = private_triton.settings.model_copy(
+        update={
+            "label_studio_url": label_studio.url,
+            "label_studio_api_key": SecretStr(pat),
+            "state_dir": tmp_path / "state",
+            "bridge_auth": "none",
+        }
+    )
+    env = {
+        "LABEL_STUDIO_URL": label_studio.url,
+        "LABEL_STUDIO_API_KEY": pat,
+        "LABELLOOP_MODEL_REPOSITORY": str(settings.model_repository),
+        "LABELLOOP_STATE_DIR": str(settings.state_dir),
+        "LABELLOOP_TRITON_URL": private_triton.url,
+        "LABELLOOP_BRIDGE_AUTH": "none",
+    }
+    return SessionEnv(settings, env)
 
 
 class _ImageHandler(http.server.SimpleHTTPRequestHandler):

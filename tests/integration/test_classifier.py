@@ -19,14 +19,12 @@ from typing import Any
 
 import pytest
 import yaml
-from pydantic import SecretStr
 from typer.testing import CliRunner
 
 from core.session import read_recorded, record_session
 from core.settings import Settings
 from labelloop.cli import app
-from tests.conftest import TritonHandle
-from tests.integration.conftest import BridgeServer
+from tests.integration.conftest import BridgeServer, SessionEnv
 from tests.label_studio import LabelStudioServer
 from trainer.synthetic_classes import write_classifier_dataset
 
@@ -45,36 +43,13 @@ def _choice(label: str) -> list[dict[str, Any]]:
     return [{"from_name": "choice", "to_name": "image", "type": "choices", "value": {"choices": [label]}}]
 
 
-def _train(env: dict[str, str], project: int) -> dict[str, Any]:
-    result = CliRunner().invoke(app, ["train", "--project", str(project), "--json"], env=env)
-    assert result.exit_code == 0, result.output
-    doc: dict[str, Any] = json.loads(result.stdout)
-    return doc
-
-
 def test_a_classifier_session_trains_publishes_and_pre_labels_in_label_studio(
     label_studio: LabelStudioServer,
-    private_triton: TritonHandle,
+    session_env: SessionEnv,
     bridge_factory: Callable[[Settings], BridgeServer],
     tmp_path: Path,
 ) -> None:
-    pat = label_studio.personal_access_token()
-    settings = private_triton.settings.model_copy(
-        update={
-            "label_studio_url": label_studio.url,
-            "label_studio_api_key": SecretStr(pat),
-            "state_dir": tmp_path / "state",
-            "bridge_auth": "none",
-        }
-    )
-    env = {
-        "LABEL_STUDIO_URL": label_studio.url,
-        "LABEL_STUDIO_API_KEY": pat,
-        "LABELLOOP_MODEL_REPOSITORY": str(settings.model_repository),
-        "LABELLOOP_STATE_DIR": str(settings.state_dir),
-        "LABELLOOP_TRITON_URL": private_triton.url,
-        "LABELLOOP_BRIDGE_AUTH": "none",
-    }
+    settings, env = session_env.settings, session_env.env
     data = write_classifier_dataset(tmp_path / "data", n=60, seed=5)
     truth: dict[str, str] = json.loads((data / "labels.json").read_text())["labels"]
     classes = json.loads((data / "labels.json").read_text())["classes"]
@@ -115,7 +90,7 @@ def test_a_classifier_session_trains_publishes_and_pre_labels_in_label_studio(
     labelled, held_back = tasks[:36], tasks[36:]
     for task in labelled:
         api.create_annotation(task["id"], _choice(truth[_uploaded_name(task)]))
-    doc = _train(env, project)
+    doc = session_env.train(project)
     assert doc["kind"] == "classifier" and doc["deployed"] is None and doc["published_version"] == 1
     assert doc["dataset"]["train"]["images"] + doc["dataset"]["holdout"]["images"] == 36
     metrics = doc["candidate"]["metrics"]
@@ -151,7 +126,7 @@ def test_a_classifier_session_trains_publishes_and_pre_labels_in_label_studio(
     assert session is not None
     strict = session.model_copy(update={"rule": session.rule.model_copy(update={"deploy_margin": 1.0})})
     record_session(settings.state_dir, strict, project)
-    refused = _train(env, project)
+    refused = session_env.train(project)
     assert refused["published_version"] is None and refused["deployed"]["version"] == 1
     assert any("keep the served model" in reason and "1.0000" in reason for reason in refused["decision"]["reasons"])
 
@@ -172,7 +147,7 @@ def test_a_classifier_session_trains_publishes_and_pre_labels_in_label_studio(
 
     stopper = threading.Thread(target=stop_when_running)
     stopper.start()
-    stopped = _train(env, project)
+    stopped = session_env.train(project)
     stopper.join()
     assert str(stopped["candidate"]["stopped"]).startswith("labelloop train stop")
     assert 0 < stopped["candidate"]["epochs"] < 100_000 and stopped["candidate"]["metrics"]["macro_f1"] > 0
@@ -185,5 +160,5 @@ def test_a_classifier_session_trains_publishes_and_pre_labels_in_label_studio(
     # Another class list (here another order): no warm start from v1, and the report says why.
     reordered = strict.model_copy(update={"classes": tuple(reversed(strict.classes))})
     record_session(settings.state_dir, reordered, project)
-    fresh = _train(env, project)
+    fresh = session_env.train(project)
     assert fresh["candidate"]["warm_start"].startswith("refused: the served head v1 has classes")

@@ -20,14 +20,12 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from pydantic import SecretStr
 from typer.testing import CliRunner
 
 from core.brush_rle import decode_mask, encode_mask
 from core.settings import Settings
 from labelloop.cli import app
-from tests.conftest import TritonHandle
-from tests.integration.conftest import BridgeServer
+from tests.integration.conftest import BridgeServer, SessionEnv
 from tests.label_studio import LabelStudioServer
 from trainer.synthetic_blobs import sample_points, write_segmenter_dataset
 
@@ -76,36 +74,13 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def _train(env: dict[str, str], project: int) -> dict[str, Any]:
-    result = CliRunner().invoke(app, ["train", "--project", str(project), "--json"], env=env)
-    assert result.exit_code == 0, result.output
-    doc: dict[str, Any] = json.loads(result.stdout)
-    return doc
-
-
 def test_a_segmenter_session_learns_from_points_and_refines_with_clicks(
     label_studio: LabelStudioServer,
-    private_triton: TritonHandle,
+    session_env: SessionEnv,
     bridge_factory: Callable[[Settings], BridgeServer],
     tmp_path: Path,
 ) -> None:
-    pat = label_studio.personal_access_token()
-    settings = private_triton.settings.model_copy(
-        update={
-            "label_studio_url": label_studio.url,
-            "label_studio_api_key": SecretStr(pat),
-            "state_dir": tmp_path / "state",
-            "bridge_auth": "none",
-        }
-    )
-    env = {
-        "LABEL_STUDIO_URL": label_studio.url,
-        "LABEL_STUDIO_API_KEY": pat,
-        "LABELLOOP_MODEL_REPOSITORY": str(settings.model_repository),
-        "LABELLOOP_STATE_DIR": str(settings.state_dir),
-        "LABELLOOP_TRITON_URL": private_triton.url,
-        "LABELLOOP_BRIDGE_AUTH": "none",
-    }
+    settings, env = session_env.settings, session_env.env
     data = write_segmenter_dataset(tmp_path / "data", n=36, seed=11, size=(WIDTH, HEIGHT))
     truth = {p.name: np.asarray(Image.open(p)) > 0 for p in (data / "masks").glob("*.png")}
     session_file = tmp_path / "session.yaml"
@@ -147,7 +122,7 @@ def test_a_segmenter_session_learns_from_points_and_refines_with_clicks(
 
     for k, task in enumerate(labelled[1:], start=1):
         api.create_annotation(task["id"], _points(truth[_name(task)], k))
-    doc = _train(env, project)
+    doc = session_env.train(project)
     assert doc["kind"] == "segmenter" and doc["published_version"] == 1, doc
     assert "balanced_point_accuracy" in doc["metrics"]
     assert doc["metric"] == ("miou" if "miou" in doc["metrics"] else "balanced_point_accuracy")
@@ -208,9 +183,17 @@ def test_a_segmenter_session_learns_from_points_and_refines_with_clicks(
         for p in stored_predictions
     )
 
+    # The queue works for a segmenter project too: its served head pre-labels, the tab sorts by its score.
+    queued = CliRunner().invoke(app, ["queue", "--project", str(project), "--json", "--limit", "100"], env=env)
+    assert queued.exit_code == 0, queued.output
+    order = json.loads(queued.stdout)["tasks"]
+    scores = [t["score"] for t in order]
+    assert {t["task"] for t in order} == {t["id"] for t in held_back} and scores == sorted(scores)
+    assert api.project(project)["model_version"] == f"{MODEL}@v1"
+
     # Full masks on the held-back tasks: where one lands in the held-out set, the rule reads mIoU.
     for k, task in enumerate(held_back, start=100):
         api.create_annotation(task["id"], [_mask_result(truth[_name(task)]), *_points(truth[_name(task)], k)])
-    again = _train(env, project)
+    again = session_env.train(project)
     assert again["metric"] == "miou" and 0.0 <= again["metrics"]["miou"] <= 1.0, again["dataset"]
     assert again["deployed"] is not None and "miou" in again["deployed"]["metrics"]

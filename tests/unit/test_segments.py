@@ -342,3 +342,55 @@ def test_entropy_score_is_lower_nearer_a_coin_toss() -> None:
     mixed = np.stack([np.full((4, 4), 0.99), np.full((4, 4), 0.5)])
     assert entropy_score(mixed) == pytest.approx((scores[4] + scores[0]) / 2)
     assert entropy_score(np.zeros((0, 4, 4))) == 1.0
+
+
+def _masks(probs: np.ndarray, width: int = 64, height: int = 48, classes: tuple[str, ...] = ("defect",)) -> Any:
+    from serving.client import ModelInfo
+    from serving.heads import ImageMasks
+
+    info = ModelInfo(name="seg", version=3, classes=list(classes), imgsz=[448], provider="cpu")
+    return ImageMasks(probs=probs.astype(np.float32), width=width, height=height, model=info)
+
+
+def _grid() -> np.ndarray:
+    """A 6 x 8 map: a confident defect in the middle, confident background around it."""
+    probs = np.full((1, 6, 8), 0.02, np.float32)
+    probs[0, 2:4, 3:5] = 0.97
+    return probs
+
+
+def test_a_segmenter_answer_is_masks_then_suggested_points_with_the_entropy_score() -> None:
+    from ls_bridge.heads import HeadRequest
+
+    (control,) = segment_controls(CONFIG)
+    assert control.serves(["defect"]) and not control.serves(["crack"])
+    output = _masks(_grid())
+    results, score = control.answer(output, HeadRequest())
+    kinds = [r.type for r in results]
+    assert kinds[0] == "brushlabels" and set(kinds[1:]) == {"keypointlabels"}
+    mask = decode_mask(results[0].value.rle, 64, 48)
+    assert mask[20, 32] and not mask[2, 2]  # the middle is the defect, the corner is not
+    labels = {r.value.keypointlabels[0] for r in results[1:]}
+    assert labels == {"defect", "background"}
+    assert score == pytest.approx(entropy_score(output.probs))
+    # A class no brush label shows gives no mask; an empty map no mask either (outside interactive calls).
+    empty, _ = control.answer(_masks(np.zeros((1, 6, 8))), HeadRequest())
+    assert [r.type for r in empty if r.type == "brushlabels"] == []
+
+
+def test_interactive_answers_honour_every_click_and_carry_no_suggested_points() -> None:
+    from ls_bridge.heads import HeadRequest
+
+    (control,) = segment_controls(CONFIG)
+
+    def point(x: float, y: float, label: str) -> dict[str, Any]:
+        value = {"x": x, "y": y, "width": 0.5, "keypointlabels": [label]}
+        return {"type": "keypointlabels", "from_name": "points", "to_name": "image", "value": value}
+
+    # A foreground click far outside the predicted blob, a background click inside it.
+    context = [point(5.0, 5.0, "defect"), point(50.0, 50.0, "background")]
+    assert control.clicks(context, ["defect"]) == [(0.05, 0.05, 0), (0.5, 0.5, -1)]
+    results, _ = control.answer(_masks(_grid()), HeadRequest(context=context))
+    assert [r.type for r in results] == ["brushlabels"]
+    mask = decode_mask(results[0].value.rle, 64, 48)
+    assert mask[int(0.05 * 48), int(0.05 * 64)] and not mask[24, 32]
