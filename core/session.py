@@ -217,8 +217,6 @@ def segmenter_config(session: Session, **_: Any) -> str:
         '  <KeyPointLabels name="points" toName="image" smart="true">\n'
         + "\n".join([*labels, background])
         + "\n  </KeyPointLabels>\n"
-        '  <BrushLabels name="mask" toName="image">\n'
-        + "\n".join(labels)
-        + "\n  </BrushLabels>\n"
+        '  <BrushLabels name="mask" toName="image">\n' + "\n".join(labels) + "\n  </BrushLabels>\n"
         "</View>\n"
     )

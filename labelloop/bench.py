@@ -40,7 +40,6 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import click
 import typer
 from typer.models import CommandInfo
 
@@ -725,7 +724,7 @@ def bench(
 group.command("learning")(learning)
 
 
-def _bench_group(**_: Any) -> click.Command:
+def _bench_group(**_: Any) -> Any:
     """The ``bench`` group, built where typer builds a command from the entry below."""
     return typer.main.get_group(group)
 

@@ -19,6 +19,7 @@ All three are deterministic for a ``seed`` and return distinct indices, ``min(ba
 from __future__ import annotations
 
 from collections.abc import Callable
+
 import numpy as np
 import numpy.typing as npt
 
@@ -132,7 +133,9 @@ def diverse(scores: Scores, batch: int, features: Features = None, seed: int = 0
 STRATEGIES: dict[str, Strategy] = {"random": random, "uncertainty": uncertainty, "diverse": diverse}
 
 
-def select(strategy: str, scores: Scores, batch: int, features: Features = None, seed: int = 0) -> npt.NDArray[np.int64]:
+def select(
+    strategy: str, scores: Scores, batch: int, features: Features = None, seed: int = 0
+) -> npt.NDArray[np.int64]:
     """Run the strategy called ``strategy`` (one of ``STRATEGIES``)."""
     try:
         pick = STRATEGIES[strategy]

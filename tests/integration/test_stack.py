@@ -405,6 +405,29 @@ def test_browser_connects_an_interactive_segmenter_and_shows_its_masks(stack: St
             page.wait_for_load_state("networkidle")
             page.screenshot(path=str(ARTIFACTS / "label-studio-segmenter.png"))
             assert "defect" in masks.first.inner_text()
+            # The click-to-mask loop: Auto-Annotation on, the smart point tool, the "background" label, one
+            # click on plain metal far from the defect (a click on a shown region would select it instead).
+            page.get_by_text("Auto-Annotation").click()
+            page.locator("button.lsf-tool_smart").first.click()  # the smart tools Auto-Annotation adds
+            page.locator('button[aria-label="key-point-tool"]').last.click()
+            page.keyboard.press("2")  # the "background" point label, selected after the tool
+            name = str(tasks[-1]["data"]["image"]).rsplit("/", 1)[-1].split("-", 1)[1]
+            truth = np.asarray(Image.open(data / "masks" / name))
+            ys, xs = np.nonzero(truth)
+            grid = [(gx, gy) for gx in np.linspace(0.1, 0.9, 9) for gy in np.linspace(0.15, 0.85, 8)]
+            fx, fy = max(
+                grid,
+                key=lambda p: ((xs / truth.shape[1] - p[0]) ** 2 + (ys / truth.shape[0] - p[1]) ** 2).min(),
+            )
+            box = page.locator(".konvajs-content").first.bounding_box()
+            assert box is not None
+            page.mouse.click(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy)
+            # Label Studio sends the click (with the task's other points) to the bridge and shows the refined
+            # mask as a suggestion to accept or reject.
+            page.get_by_text("suggestions").first.wait_for(timeout=60_000)
+            page.wait_for_load_state("networkidle")
+            page.screenshot(path=str(ARTIFACTS / "label-studio-segmenter-click.png"))
+            assert "interactive:" in (stack.state / "logs" / "bridge.log").read_text()
         finally:
             browser.close()
 

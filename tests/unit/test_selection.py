@@ -84,3 +84,22 @@ def test_select_dispatches_and_rejects_unknown_names() -> None:
         select("entropy", [0.1], 1)
     with pytest.raises(ValueError):
         uncertainty([[0.1]], 1)
+
+
+def test_summarise_labels_to_target_and_saving() -> None:
+    from labelloop.bench_learning import summarise
+
+    curves = {
+        "random": [[0.2, 0.4, 0.6, 0.8, 1.0], [0.2, 0.4, 0.6, 0.8, 0.9]],
+        "uncertainty": [[0.2, 0.6, 0.9, 0.95, 0.95], [0.2, 0.6, 0.9, 0.95, 0.95]],
+    }
+    report = summarise([10, 20, 30, 40, 50], curves)
+    assert report["curves"]["random"][-1] == {"labels": 50, "mean": 0.95, "std": 0.05, "values": [1.0, 0.9]}
+    assert report["target"] == pytest.approx(0.855)  # 0.9 x the best final mean (0.95)
+    assert report["labels_to_target"] == {"random": 50, "uncertainty": 30}
+    assert report["label_saving"] == pytest.approx(1 - 30 / 50)
+    given = summarise([10, 20, 30, 40, 50], curves, target=0.99)
+    assert given["labels_to_target"] == {"random": None, "uncertainty": None}
+    assert given["label_saving"] is None and given["target_rule"] == "given"
+    flat = summarise([10, 20], {"random": [[0.0, 0.0]], "uncertainty": [[0.0, 0.0]]})
+    assert flat["labels_to_target"] == {"random": None, "uncertainty": None} and flat["label_saving"] is None
