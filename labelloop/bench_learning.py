@@ -89,7 +89,9 @@ class LearningPlan:
 
 PLANS: dict[tuple[str, bool], LearningPlan] = {
     ("classifier", False): LearningPlan("classifier"),
-    ("classifier", True): LearningPlan("classifier", rounds=2, batch=12, seeds=1, initial=12, pool=72, held_out=48),
+    ("classifier", True): LearningPlan(
+        "classifier", rounds=2, batch=12, seeds=1, initial=12, pool=72, held_out=48, max_epochs=100
+    ),
     ("detector", False): LearningPlan(
         "detector",
         rounds=4,
