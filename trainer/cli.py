@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
 __all__ = ["app", "group"]
 
 logger = logging.getLogger(__name__)
+
+# A whole project pre-labelled by the new version: Label Studio's own "Retrieve predictions" gets 100 s.
+_QUEUE_TIMEOUT_S = 1800
 
 app = typer.Typer(no_args_is_help=True)
 group = typer.Typer(no_args_is_help=True, help="Long-running trainer services.")
@@ -345,10 +349,24 @@ def watch_command(
                 project=project,
                 once=once,
                 stop=stop,
+                after_publish=_refresh_queue,
             )
     except LabelloopError as exc:
         raise fail(exc) from exc
     typer.echo(f"watch stopped after {runs} training runs")
+
+
+def _refresh_queue(project: int) -> None:
+    """After a publish: ``labelloop queue --project`` pre-labels with the new version and re-sorts the tab.
+
+    Run as its own process: the queue is the bridge's code, which the trainer does not import.
+    """
+    command = [sys.executable, "-m", "labelloop", "queue", "--project", str(project)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=_QUEUE_TIMEOUT_S, check=False)
+    if done.returncode != 0:
+        logger.warning("project %d: the queue was not refreshed: %s", project, done.stderr.strip()[-500:])
+    else:
+        logger.info("project %d: queue refreshed (%s)", project, done.stdout.strip().splitlines()[0])
 
 
 def _served_text(info: Any) -> str:

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -581,11 +582,14 @@ def watch(
     project: int | None = None,
     once: bool = False,
     stop: threading.Event | None = None,
+    after_publish: Callable[[int], None] | None = None,
 ) -> int:
     """Follow the bridge's event store and run training when due; returns the number of runs started.
 
     ``project`` is used for events that name none. Runs happen here, in this process, never in
     the bridge; the training lock keeps them one at a time with ``labelloop train``.
+    ``after_publish(project)`` runs after a run published a version (``trainer watch``: the queue
+    refresh); its failure is logged, never fatal.
     """
     from core.events import ANNOTATION_ACTIONS, EventStore
 
@@ -621,5 +625,10 @@ def watch(
             state.retry_at.pop(target, None)
             state.save(state_path)
             logger.info("project %d: published %s", target, published if published is not None else "nothing")
+            if published is not None and after_publish is not None:
+                try:
+                    after_publish(target)
+                except Exception:  # noqa: BLE001 - the next runs must not depend on a refresh
+                    logger.exception("project %d: the step after publishing failed", target)
         if once or stop.wait(poll_s):
             return runs

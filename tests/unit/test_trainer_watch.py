@@ -96,3 +96,26 @@ def test_a_project_with_a_classifier_session_trains_its_head(
     _event(store, "START_TRAINING", project=7)
     assert _watch(settings) == 2
     assert heads == [(11, "surface")] and runs == [7], "the session's head for 11, the detector for 7"
+
+
+def test_after_a_publish_the_watcher_runs_its_follow_up_and_survives_its_failure(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    published = {7: 3, 8: None, 9: 4}
+
+    def fake_run(settings: Settings, source: Any, options: RunOptions) -> Any:
+        return type("Report", (), {"candidate": None, "published_version": published[source.project_id]})()
+
+    monkeypatch.setattr(pipeline, "run_training", fake_run)
+    followed: list[int] = []
+
+    def follow_up(project: int) -> None:
+        followed.append(project)
+        if project == 7:
+            raise RuntimeError("Label Studio went away")  # injected: the watcher must go on
+
+    store = EventStore.for_settings(settings)
+    for project in published:
+        _event(store, "START_TRAINING", project=project)
+    runs = watch(settings, RunOptions.from_settings(settings), every=3, once=True, after_publish=follow_up)
+    assert runs == 3 and followed == [7, 9], "only runs that published are followed up, a failure stops nothing"
