@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -424,7 +425,7 @@ def test_browser_connects_an_interactive_segmenter_and_shows_its_masks(stack: St
             page.mouse.click(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy)
             # Label Studio sends the click (with the task's other points) to the bridge and shows the refined
             # mask as a suggestion to accept or reject.
-            page.get_by_text("suggestions").first.wait_for(timeout=60_000)
+            page.get_by_text(re.compile(r"^\d+ suggestions?$")).first.wait_for(timeout=60_000)
             page.wait_for_load_state("networkidle")
             page.screenshot(path=str(ARTIFACTS / "label-studio-segmenter-click.png"))
             assert "interactive:" in (stack.state / "logs" / "bridge.log").read_text()
