@@ -30,9 +30,8 @@ gives the same probabilities as one grid at a time, and the ONNX export is the g
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from torch import nn
 
 from core.errors import ConfigError
 from trainer.head_checkpoint import Checkpoint
+from trainer.head_fit import fit
 
 __all__ = [
     "ARCH",
@@ -186,44 +186,16 @@ def _fit(
     params: HeadParams,
     on_epoch: Callable[[int, float, ClassifierHead], bool] | None,
 ) -> tuple[int, float, bool]:
-    """Adam on cross-entropy until patience, ``max_epochs`` or ``on_epoch`` stops; leaves the best weights loaded.
+    """Cross-entropy on padded batches of shuffled grids, in the shared loop (:func:`trainer.head_fit.fit`)."""
 
-    An epoch counts as better when its mean training loss improves on the best by more than
-    ``min_delta`` (as Keras' EarlyStopping); those weights are the ones kept.
-    """
-    optimiser = torch.optim.Adam(head.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-    order = np.random.default_rng(params.seed)
-    best_loss, best_state, waited = math.inf, copy.deepcopy(head.state_dict()), 0
-    epoch, stopped_early = 0, False
-    head.train()
-    while epoch < params.max_epochs:
-        epoch += 1
-        total = 0.0
-        permutation = order.permutation(len(grids))
+    def steps(rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, int]]:
+        permutation = rng.permutation(len(grids))
         for start in range(0, len(grids), params.batch_size):
             idx = permutation[start : start + params.batch_size]
             batch, mask = _pad([grids[i] for i in idx])
-            loss = nn.functional.cross_entropy(head(batch, mask), labels[idx])
-            optimiser.zero_grad()
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimiser.step()
-            total += loss.item() * len(idx)
-        epoch_loss = total / len(grids)
-        if epoch_loss < best_loss - params.min_delta:
-            best_loss, best_state, waited = epoch_loss, copy.deepcopy(head.state_dict()), 0
-        else:
-            waited += 1
-        if on_epoch is not None:
-            go_on = on_epoch(epoch, epoch_loss, head)
-            head.train()  # the callback may have predicted with the head
-            if not go_on:
-                break
-        if waited >= params.patience:
-            stopped_early = True
-            break
-    head.load_state_dict(best_state)
-    head.eval()
-    return epoch, best_loss, stopped_early
+            yield nn.functional.cross_entropy(head(batch, mask), labels[idx]), len(idx)
+
+    return fit(head, params, steps, len(grids), on_epoch)
 
 
 def train_head(

@@ -44,9 +44,7 @@ same points, §7's weighting: 0.38-0.58.
 
 from __future__ import annotations
 
-import copy
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +58,7 @@ from core.errors import ConfigError
 from core.masks import balanced_point_accuracy, miou, point_cell, upsample
 from trainer.classify import ClassifierHead, HeadParams, _as_grids, _pad
 from trainer.head_checkpoint import Checkpoint
+from trainer.head_fit import fit
 
 __all__ = [
     "ARCH",
@@ -249,39 +248,15 @@ def _fit(
     params: HeadParams,
     on_epoch: Callable[[int, float, SegmenterHead], bool] | None,
 ) -> tuple[int, float, bool]:
-    """Adam until patience, ``max_epochs`` or ``on_epoch`` stops; leaves the best weights loaded (as classify's)."""
-    optimiser = torch.optim.Adam(head.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-    rng = np.random.default_rng(params.seed)
+    """The labelled images' losses, batched by grid size, in the shared loop (:func:`trainer.head_fit.fit`)."""
     labelled = [i for i, t in enumerate(targets) if t.cells.numel()]
-    best_loss, best_state, waited = math.inf, copy.deepcopy(head.state_dict()), 0
-    epoch, stopped_early = 0, False
-    head.train()
-    while epoch < params.max_epochs:
-        epoch += 1
-        total = 0.0
+
+    def steps(rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, int]]:
         for step in _batches([grids[i] for i in labelled], params.batch_size, rng):
             idx = [labelled[j] for j in step.tolist()]
-            loss = _batch_loss(head, [grids[i] for i in idx], [targets[i] for i in idx])
-            optimiser.zero_grad()
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimiser.step()
-            total += loss.item() * len(idx)
-        epoch_loss = total / len(labelled)
-        if epoch_loss < best_loss - params.min_delta:
-            best_loss, best_state, waited = epoch_loss, copy.deepcopy(head.state_dict()), 0
-        else:
-            waited += 1
-        if on_epoch is not None:
-            go_on = on_epoch(epoch, epoch_loss, head)
-            head.train()  # the callback may have predicted with the head
-            if not go_on:
-                break
-        if waited >= params.patience:
-            stopped_early = True
-            break
-    head.load_state_dict(best_state)
-    head.eval()
-    return epoch, best_loss, stopped_early
+            yield _batch_loss(head, [grids[i] for i in idx], [targets[i] for i in idx]), len(idx)
+
+    return fit(head, params, steps, len(labelled), on_epoch)
 
 
 def train_head(
