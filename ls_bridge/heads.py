@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any, Protocol
 
 from core import kinds
@@ -101,9 +101,13 @@ def _head_kinds() -> tuple[_HeadKind, ...]:
     return tuple(found)
 
 
-def head_controls(config: str) -> list[tuple[str, HeadControl]]:
-    """Every control of ``config`` a head kind fills, with its kind's name, in kind order."""
-    return [(k.name, control) for k in _head_kinds() for control in k.controls(config)]
+@lru_cache(maxsize=64)
+def head_controls(config: str) -> tuple[tuple[str, HeadControl], ...]:
+    """Every control of ``config`` a head kind fills, with its kind's name, in kind order.
+
+    Cached like the label config's parse: every /setup and /predict of a project asks again.
+    """
+    return tuple((k.name, control) for k in _head_kinds() for control in k.controls(config))
 
 
 @dataclass(frozen=True)
