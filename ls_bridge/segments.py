@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import zip_longest
 from typing import Any
@@ -140,14 +140,7 @@ class SegmentControls:
         if label_map is None:
             return []
         found = []
-        for item in context:
-            if item.get("type") != "keypointlabels" or item.get("from_name") != self.keypoint_name:
-                continue
-            value = item.get("value") or {}
-            labels = value.get("keypointlabels") or []
-            if not labels or "x" not in value or "y" not in value:
-                continue
-            label = str(labels[0])
+        for item, value, label in self.context_points(context):
             name = label_map.to_class.get(label)
             if self.is_background(label) or item.get("is_positive", True) is False:
                 index = -1
@@ -158,6 +151,24 @@ class SegmentControls:
             x, y = (min(max(float(value[a]) / 100.0, 0.0), 1.0) for a in ("x", "y"))
             found.append((x, y, index))
         return found
+
+    def context_points(
+        self, context: Sequence[Mapping[str, Any]]
+    ) -> Iterator[tuple[Mapping[str, Any], Mapping[str, Any], str]]:
+        """The well-formed points of this ``KeyPointLabels`` on this image in an interactive context.
+
+        Each as ``(result, its value, its label)``; other controls, images, types and points without
+        a label or a position are skipped.
+        """
+        for item in context:
+            if item.get("type") != "keypointlabels" or item.get("from_name") != self.keypoint_name:
+                continue
+            if item.get("to_name", self.to_name) != self.to_name:
+                continue
+            value = item.get("value") or {}
+            labels = value.get("keypointlabels") or []
+            if labels and "x" in value and "y" in value:
+                yield item, value, str(labels[0])
 
     def answer(self, output: ImageMasks, request: Any) -> tuple[list[Region], float]:
         """Masks (honouring a person's clicks when interactive), else masks and suggested points; entropy score.
@@ -467,18 +478,9 @@ def clicks_from_context(
     label_map = controls.keypoint_map(classes)
     if label_map is None:
         return {c: () for c in classes}
-    for item in result:
-        if item.get("type") != "keypointlabels" or item.get("from_name") != controls.keypoint_name:
-            continue
-        if item.get("to_name", controls.to_name) != controls.to_name:
-            continue
-        value = item.get("value") or {}
-        labels = value.get("keypointlabels") or []
-        if not labels or "x" not in value or "y" not in value:
-            continue
+    for item, value, label in controls.context_points(result):
         img_w, img_h = _size(item, width, height)
         x, y = float(value["x"]) * img_w / 100.0, float(value["y"]) * img_h / 100.0
-        label = str(labels[0])
         if controls.is_background(label):
             for name in classes:
                 clicks[name].append(Click(x, y, positive=False))
