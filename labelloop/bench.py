@@ -545,9 +545,9 @@ def run_bench(settings: Settings, plan: BenchPlan) -> dict[str, Any]:
         machine_info,
         private_repository,
         render_images,
+        start_private_triton,
     )
     from serving.client import DetectorClient
-    from serving.launcher import TritonProcess
 
     started = time.perf_counter()
     load_before = os.getloadavg()
@@ -571,17 +571,8 @@ def run_bench(settings: Settings, plan: BenchPlan) -> dict[str, Any]:
         bar.update()
 
         bar.set_postfix_str("tritonserver")
-        triton = TritonProcess(
-            repo.root,
-            root / "triton",
-            grpc_port=free_port(),
-            http_port=free_port(),
-            metrics_port=free_port(),
-            log_file=settings.log_dir / "bench-triton.log",
-        )
+        triton = start_private_triton(settings, repo.root, root / "triton", "bench-triton.log")
         stack.callback(triton.stop)
-        triton.start()
-        triton.wait_live(settings.triton_start_timeout_s)
         info = asyncio.run(_load(triton.grpc_url, repo, settings.model_name, settings.triton_timeout_s))
         bar.update()
 

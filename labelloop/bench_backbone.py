@@ -230,8 +230,7 @@ class BackboneBench:
 def run_backbone_bench(settings: Settings, plan: BenchPlan, arch: str | None = None) -> dict[str, Any]:
     """The backbone section alone: its own tritonserver holding only the backbone; the section as a dict."""
     from labelloop.bench_report import backbone_section
-    from labelloop.bench_rig import free_port, machine_info, render_images
-    from serving.launcher import TritonProcess
+    from labelloop.bench_rig import machine_info, render_images, start_private_triton
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="labelloop-bench-backbone-") as tmp:
@@ -239,17 +238,8 @@ def run_backbone_bench(settings: Settings, plan: BenchPlan, arch: str | None = N
         repo = ModelRepository(root / "model_repository")
         images = render_images(plan.images, plan.seed)
         publish_s = publish_demo_backbone(settings, repo, root / "backbone", arch)
-        triton = TritonProcess(
-            repo.root,
-            root / "triton",
-            grpc_port=free_port(),
-            http_port=free_port(),
-            metrics_port=free_port(),
-            log_file=settings.log_dir / "bench-backbone-triton.log",
-        )
+        triton = start_private_triton(settings, repo.root, root / "triton", "bench-backbone-triton.log")
         try:
-            triton.start()
-            triton.wait_live(settings.triton_start_timeout_s)
             bench = BackboneBench(settings, plan, images, repo)
             bench.tally.publish_s = publish_s
             asyncio.run(bench.measure(triton.grpc_url, repo))

@@ -31,6 +31,7 @@ from core.settings import Settings
 if TYPE_CHECKING:
     import psutil
 
+    from serving.launcher import TritonProcess
     from serving.repository import ModelRepository
 
 __all__ = [
@@ -174,6 +175,27 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def start_private_triton(settings: Settings, repository: Path, work: Path, log_name: str) -> TritonProcess:
+    """A bench's own tritonserver on free loopback ports, live; the caller stops it."""
+    from serving.launcher import TritonProcess
+
+    triton = TritonProcess(
+        repository,
+        work,
+        grpc_port=free_port(),
+        http_port=free_port(),
+        metrics_port=free_port(),
+        log_file=settings.log_dir / log_name,
+    )
+    try:
+        triton.start()
+        triton.wait_live(settings.triton_start_timeout_s)
+    except BaseException:
+        triton.stop()
+        raise
+    return triton
 
 
 def _cpu_model() -> str:

@@ -293,10 +293,9 @@ def segmenter_section(tally: SegmenterTally) -> dict[str, Any]:
 def run_segmenter_bench(settings: Settings, images: int = QUICK_IMAGES) -> dict[str, Any]:
     """The segmenter section alone: its own tritonserver holding the demo backbone and the head."""
     from labelloop.bench_backbone import publish_demo_backbone
-    from labelloop.bench_rig import free_port, machine_info
+    from labelloop.bench_rig import machine_info, start_private_triton
     from serving.backbone import FeaturesClient
     from serving.control import load_served_version
-    from serving.launcher import TritonProcess
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="labelloop-bench-segmenter-") as tmp:
@@ -304,17 +303,8 @@ def run_segmenter_bench(settings: Settings, images: int = QUICK_IMAGES) -> dict[
         repo = ModelRepository(root / "model_repository")
         publish_demo_backbone(settings, repo, root / "backbone")
         version, held_out, model = train_bench_segmenter(settings, repo, root / "segmenter")
-        triton = TritonProcess(
-            repo.root,
-            root / "triton",
-            grpc_port=free_port(),
-            http_port=free_port(),
-            metrics_port=free_port(),
-            log_file=settings.log_dir / "bench-segmenter-triton.log",
-        )
+        triton = start_private_triton(settings, repo.root, root / "triton", "bench-segmenter-triton.log")
         try:
-            triton.start()
-            triton.wait_live(settings.triton_start_timeout_s)
 
             async def load_backbone() -> None:
                 client = FeaturesClient(triton.grpc_url, BACKBONE_NAME, timeout_s=120.0, retries=0)
